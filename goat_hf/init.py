@@ -1,0 +1,62 @@
+"""Pure functions from a pretrained weight W0 (out x in = m x n) to GOAT expert factors and the scaling s.
+
+Expert j gets the singular triplets of a segment of W0's spectrum (DESIGN §2):
+    B_j = U_j S_j^(1/2) / sqrt(s*rho),   A_j = S_j^(1/2) Vh_j / sqrt(s*rho)   so   s*B_j*A_j = U_j S_j Vh_j / rho.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import GoatConfig
+
+
+def scaling_factor(config: GoatConfig, in_features: int) -> float:
+    """The adapter scaling s; 'goat' is Theorem 3.5's s = sqrt(3*n*eta/d) with n = in_features."""
+    d = config.expert_rank
+    if config.scaling == "goat":
+        return math.sqrt(3.0 * in_features * config.eta / d)
+    if config.scaling == "alpha":
+        return config.lora_alpha / d
+    if config.scaling == "rslora":
+        return config.lora_alpha / math.sqrt(d)
+    return float(config.scaling)
+
+
+def segment_starts(h: int, config: GoatConfig, generator: torch.Generator | None = None) -> list[int]:
+    """First singular index of each expert's d-long segment, for h = min(m, n) singular values."""
+    E, d, r = config.num_experts, config.expert_rank, config.r
+    t = h // E  # chunk length
+    if config.init == "goat":
+        return [j * t for j in range(E)]
+    if config.init == "goat_mini":
+        return [(j + 1) * t - d for j in range(E)]
+    if config.init == "pissa":
+        return [j * d for j in range(E)]
+    if config.init == "milora":
+        return [h - r + j * d for j in range(E)]
+    if config.init == "random":
+        return torch.randint(0, h - d + 1, (E,), generator=generator).tolist()
+    raise ValueError(f"init={config.init!r} has no SVD segments.")
+
+
+def expert_factors(
+    weight: torch.Tensor, config: GoatConfig, scaling: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked expert factors (A [E*d, n], B [m, E*d]) in fp32, computed on the weight's device."""
+    m, n = weight.shape
+    if config.init == "zero":
+        A = torch.empty(config.r, n, dtype=torch.float32)  # drawn on the CPU so a seed means the same on any device
+        for expert in A.view(config.num_experts, config.expert_rank, n):  # Kaiming per expert, as PEFT's LoRA A
+            torch.nn.init.kaiming_uniform_(expert, a=math.sqrt(5), generator=generator)
+        return A.to(weight.device), torch.zeros(m, config.r, device=weight.device, dtype=torch.float32)
+
+    U, S, Vh = torch.linalg.svd(weight.detach().to(getattr(torch, config.svd_dtype)), full_matrices=False)
+    starts = segment_starts(min(m, n), config, generator)
+    index = torch.cat([torch.arange(start, start + config.expert_rank) for start in starts]).to(weight.device)
+    root_s = S[index].sqrt() / math.sqrt(scaling * config.rho)  # [r]
+    B = U[:, index] * root_s  # [m, r]
+    A = root_s[:, None] * Vh[index]  # [r, n]
+    return A.to(torch.float32).contiguous(), B.to(torch.float32).contiguous()

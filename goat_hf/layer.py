@@ -1,0 +1,137 @@
+"""GoatLinear: a frozen nn.Linear plus E top-k routed LoRA experts, computed as one rank-r LoRA."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import GoatConfig
+from .init import expert_factors, scaling_factor
+
+
+@dataclass
+class RoutingRecord:
+    """What the last forward of one layer routed: kept for the balance loss and for routing-health logs."""
+
+    probs: torch.Tensor  # [T, E] router probabilities (detached)
+    top_experts: torch.Tensor  # [T, k] indices of the picked experts
+    expert_load: torch.Tensor  # [E] share of the T*k picks each expert got, over real tokens
+    balance_loss: torch.Tensor  # scalar E * sum_j f_j * P_j, differentiable w.r.t. the router
+
+
+class GoatLinear(nn.Module):
+    """GOAT layer (Fan et al., ICML 2025, arXiv 2502.16894, §3):
+
+        y = W_res x + sum_j w_j(x) * s * B_j A_j dropout(x),   W_res = W0 - c * s * sum_j B0_j A0_j
+
+    w(x) = top-k of softmax(W_router x), renormalised to sum to 1. W0 stays untouched in `base_layer` and the
+    correction c*s*B0*A0 (the experts' initial factors, frozen) is applied as a low-rank term, so switching
+    the adapter off or unloading gives back W0 exactly and a saved adapter reloads without an SVD.
+
+    The experts are stacked (A: [E*d, n], B: [m, E*d]) so that the forward is one rank-r LoRA with the d
+    columns of each expert scaled by its routing weight: no loop over experts, no per-expert gather/scatter.
+    Dropout draws one mask shared by all experts (the reference code draws one per expert).
+    Adapters and router are fp32 whatever the base dtype.
+    """
+
+    def __init__(
+        self, base_layer: nn.Linear, config: GoatConfig, scaling: float, with_residual: bool
+    ) -> None:
+        super().__init__()
+        n, m, device = base_layer.in_features, base_layer.out_features, base_layer.weight.device
+        self.base_layer = base_layer
+        self.num_experts, self.top_k, self.expert_rank = config.num_experts, config.top_k, config.expert_rank
+        self.scaling = scaling
+        self.init_cof = config.init_cof
+        self.expert_A = nn.Parameter(torch.zeros(config.r, n, device=device))  # [E*d, n]
+        self.expert_B = nn.Parameter(torch.zeros(m, config.r, device=device))  # [m, E*d]
+        self.router = nn.Linear(n, config.num_experts, bias=False, device=device, dtype=torch.float32)
+        # Frozen initial factors: W_res = W0 - c*s*residual_B @ residual_A. None for init="zero" (no residual).
+        shape_or_none = (config.r, n) if with_residual else None
+        self.register_buffer("residual_A", torch.zeros(config.r, n, device=device) if shape_or_none else None)
+        self.register_buffer("residual_B", torch.zeros(m, config.r, device=device) if shape_or_none else None)
+        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.adapter_enabled = True
+        self.token_mask: torch.Tensor | None = None  # [..] over x.shape[:-1]; False marks padding
+        self.routing: RoutingRecord | None = None
+
+    @classmethod
+    def from_linear(
+        cls, base_layer: nn.Linear, config: GoatConfig, generator: torch.Generator | None = None
+    ) -> GoatLinear:
+        """Wrap a pretrained Linear, initialising the experts from its SVD segments (DESIGN §2)."""
+        scaling = scaling_factor(config, base_layer.in_features)
+        layer = cls(base_layer, config, scaling, with_residual=config.init != "zero")
+        A, B = expert_factors(base_layer.weight, config, scaling, generator)
+        router = torch.empty(config.num_experts, base_layer.in_features)  # drawn on the CPU: same on any device
+        nn.init.kaiming_uniform_(router, a=math.sqrt(5), generator=generator)
+        with torch.no_grad():
+            layer.router.weight.copy_(router)
+            layer.expert_A.copy_(A)
+            layer.expert_B.copy_(B)
+            if layer.residual_A is not None:
+                layer.residual_A.copy_(A)
+                layer.residual_B.copy_(B)
+        return layer
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """W0, so code that inspects `layer.weight` (dtype, device, tied weights) keeps working."""
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)  # [..., m]  W0 x
+        if not self.adapter_enabled:
+            return result
+        E, d = self.num_experts, self.expert_rank
+        x = x.reshape(-1, self.in_features).to(torch.float32)  # [T, n]
+        gates = self._route(x)  # [T, E], k non-zero weights per token summing to 1
+        h = self.dropout(x) @ self.expert_A.T  # [T, E*d]
+        h = (h.view(-1, E, d) * gates.unsqueeze(-1)).view(-1, E * d)  # each expert's d columns times w_j
+        delta = h @ self.expert_B.T  # [T, m]
+        if self.residual_A is not None:
+            delta = delta - self.init_cof * ((x @ self.residual_A.T) @ self.residual_B.T)  # W_res - W0
+        return result + (self.scaling * delta).view(result.shape).to(result.dtype)
+
+    def _route(self, x: torch.Tensor) -> torch.Tensor:
+        """Top-k routing weights [T, E]; records the routing and the balance loss of this forward."""
+        probs = F.softmax(self.router(x), dim=-1)  # [T, E]
+        top_w, top_i = probs.topk(self.top_k, dim=-1)  # [T, k]
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        picks = torch.zeros_like(probs).scatter_(1, top_i, 1.0)  # [T, E], 1 where expert j is picked
+        real = self._real_tokens(x.shape[0], probs)  # [T, 1]
+        num_real = real.sum().clamp(min=1.0)
+        f = (picks * real).sum(0) / num_real  # [E] picks per real token
+        P = (probs * real).sum(0) / num_real  # [E] mean router probability
+        self.routing = RoutingRecord(
+            probs=probs.detach(),
+            top_experts=top_i,
+            expert_load=f.detach() / self.top_k,
+            balance_loss=self.num_experts * (f * P).sum(),
+        )
+        return torch.zeros_like(probs).scatter_(1, top_i, top_w)
+
+    def _real_tokens(self, num_tokens: int, probs: torch.Tensor) -> torch.Tensor:
+        """[T, 1] weights: 0 for padding when a token mask of this input's shape is set, else all 1."""
+        mask = self.token_mask
+        if mask is None or mask.numel() != num_tokens:
+            return torch.ones(num_tokens, 1, device=probs.device, dtype=probs.dtype)
+        return mask.reshape(num_tokens, 1).to(device=probs.device, dtype=probs.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, top_k={self.top_k}, expert_rank={self.expert_rank}, "
+            f"scaling={self.scaling:.4g}, residual={self.residual_A is not None}"
+        )
