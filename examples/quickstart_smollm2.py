@@ -33,7 +33,7 @@ def show_routing(model: torch.nn.Module, tokens: list[str], every: int) -> None:
         if index % every:
             continue
         picks = layer.routing.top_experts.tolist()  # [T, k]
-        cells = " ".join(f"{tok.strip() or '_'}:{'+'.join(map(str, p))}" for tok, p in zip(tokens, picks))
+        cells = " ".join(f"{tok.strip() or '_'}:{'+'.join(map(str, p))}" for tok, p in zip(tokens, picks, strict=True))
         print(f"  layer {index:2d} q_proj  {cells}")
 
 
@@ -65,7 +65,8 @@ def main() -> None:
     print(f"Saved the adapter to {folder} and reloaded it onto a fresh base in {time.perf_counter() - start:.2f} s")
     with torch.no_grad():
         reloaded = fresh(**inputs).logits
-    print(f"Reloaded logits identical: {torch.equal(logits, reloaded)} (max |diff| {(logits - reloaded).abs().max():.1e})")
+    difference = (logits - reloaded).abs().max()
+    print(f"Reloaded logits identical: {torch.equal(logits, reloaded)} (max |diff| {difference:.1e})")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from typing import Any  # noqa: E402
 
 from .adapter_io import GoatAdapterError, load_goat_adapter, save_goat_adapter  # noqa: E402
 from .config import GoatConfig  # noqa: E402
-from .hub import load_goat_model  # noqa: E402
+from .hub import GoatHubError, load_goat_model, push_goat_adapter, resolve_adapter_folder  # noqa: E402
 from .layer import GoatLinear  # noqa: E402
 from .model import (  # noqa: E402
     disable_goat,
@@ -16,13 +16,14 @@ from .model import (  # noqa: E402
     trainable_parameter_counts,
     unload_goat,
 )
-from .model_card import write_model_card  # noqa: E402
+from .model_card import write_model_card, write_model_card_for_folder  # noqa: E402
 
 # The trainers import transformers.Trainer (and TRL), which takes seconds: import them on first use.
 _LAZY = {
     "GoatTrainer": "trainer",
     "GoatTrainerMixin": "trainer",
     "GoatTrainingArguments": "training_args",
+    "GoatHubMixin": "trainer_hub",
     "GoatSFTTrainer": "sft_trainer",
 }
 
@@ -38,6 +39,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "GoatAdapterError",
     "GoatConfig",
+    "GoatHubError",
+    "GoatHubMixin",
     "GoatLinear",
     "GoatSFTTrainer",
     "GoatTrainer",
@@ -49,8 +52,11 @@ __all__ = [
     "load_goat_adapter",
     "load_goat_model",
     "print_trainable_parameters",
+    "push_goat_adapter",
+    "resolve_adapter_folder",
     "save_goat_adapter",
     "trainable_parameter_counts",
     "unload_goat",
     "write_model_card",
+    "write_model_card_for_folder",
 ]

@@ -69,7 +69,8 @@ class GoatConfig:
     )
     aux_loss_coef: float = field(default=1e-3, metadata={"help": "Weight of the router balance loss."})
     svd_dtype: Literal["float32", "float64"] = field(
-        default="float32", metadata={"help": "Precision of the SVD used by the SVD initialisations.", "choices": SVD_DTYPES}
+        default="float32",
+        metadata={"help": "Precision of the SVD used by the SVD initialisations.", "choices": SVD_DTYPES},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the 'random' and 'zero' initialisations."})
 

@@ -96,13 +96,14 @@ class GoatLinear(nn.Module):
         if not self.adapter_enabled:
             return result
         E, d = self.num_experts, self.expert_rank
-        x = x.reshape(-1, self.in_features).to(torch.float32)  # [T, n]
-        gates = self._route(x)  # [T, E], k non-zero weights per token summing to 1
-        h = self.dropout(x) @ self.expert_A.T  # [T, E*d]
-        h = (h.view(-1, E, d) * gates.unsqueeze(-1)).view(-1, E * d)  # each expert's d columns times w_j
-        delta = h @ self.expert_B.T  # [T, m]
-        if self.residual_A is not None:
-            delta = delta - self.init_cof * ((x @ self.residual_A.T) @ self.residual_B.T)  # W_res - W0
+        with torch.autocast(x.device.type, enabled=False):  # experts and router run in fp32 under bf16 autocast too
+            x = x.reshape(-1, self.in_features).to(torch.float32)  # [T, n]
+            gates = self._route(x)  # [T, E], k non-zero weights per token summing to 1
+            h = self.dropout(x) @ self.expert_A.T  # [T, E*d]
+            h = (h.view(-1, E, d) * gates.unsqueeze(-1)).view(-1, E * d)  # each expert's d columns times w_j
+            delta = h @ self.expert_B.T  # [T, m]
+            if self.residual_A is not None:
+                delta = delta - self.init_cof * ((x @ self.residual_A.T) @ self.residual_B.T)  # W_res - W0
         return result + (self.scaling * delta).view(result.shape).to(result.dtype)
 
     def _route(self, x: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,7 @@ def attach_goat_layers(
     model.requires_grad_(False)
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
+        layer.train(layer.base_layer.training)  # a new module is in train mode: in an eval model, dropout would run
         setattr(model.get_submodule(parent_name), child, layer)
     for name in modules_to_save:
         model.get_submodule(name).requires_grad_(True)
@@ -162,7 +163,7 @@ def disable_goat(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for layer, enabled in zip(layers, previous):
+        for layer, enabled in zip(layers, previous, strict=True):
             layer.adapter_enabled = enabled
 
 

@@ -10,11 +10,15 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
-from .model import goat_layers, require_goat_state
+from .adapter_io import CONFIG_NAME, adapter_metadata, read_adapter_config
+from .config import GoatConfig
+from .heatmap import draw_load_heatmap
 from .routing_health import load_summary
 
 TEMPLATE = Path(__file__).parent / "model_cards" / "goat_adapter.md"
 CARD_NAME = "README.md"
+HEATMAP_NAME = "routing_heatmap.png"
+BASE_TAGS = ("goat", "lora", "moe", "mixture-of-experts")
 PIPELINES = {
     "ForCausalLM": "text-generation",
     "ForSequenceClassification": "text-classification",
@@ -32,30 +36,87 @@ def write_model_card(
     folder: str | os.PathLike,
     trainer: Any = None,
     *,
-    dataset_name: str | None = None,
+    dataset_name: str | list[str] | None = None,
     metrics: dict[str, float] | None = None,
     license: str | None = None,
     base_model: str | None = None,
+    tags: list[str] | None = None,
+    model_name: str | None = None,
 ) -> Path:
-    """Write README.md for the adapter in `folder`; settings from the model, training facts from `trainer`."""
-    config = require_goat_state(model).config
-    architecture = type(model).__name__
+    """Write README.md for the adapter in `folder`; settings from the model, training facts from `trainer`.
+
+    With the expert loads a GoatTrainer logged (`trainer.routing_loads`) the card shows them as a table and as
+    routing_heatmap.png, written beside it. `base_model` is the Hub id to link when the model's own
+    `_name_or_path` is a local folder.
+    """
+    loads = getattr(trainer, "routing_loads", None)
+    missing = "no GoatTrainer logged them for this card (it records them at each logging step)"
+    return _write_card(
+        adapter_metadata(model), Path(folder), trainer, loads, missing, dataset_name=dataset_name, metrics=metrics,
+        license=license, base_model=base_model, tags=tags, model_name=model_name,
+    )
+
+
+def write_model_card_for_folder(
+    folder: str | os.PathLike,
+    base_model: str | None = None,
+    *,
+    dataset_name: str | list[str] | None = None,
+    metrics: dict[str, float] | None = None,
+    license: str | None = None,
+    tags: list[str] | None = None,
+) -> Path:
+    """Write README.md for a saved adapter folder from its goat_config.json alone (no base model is loaded).
+
+    The adapter files do not record routing loads, so this card says so and has no heatmap; a card written by
+    GoatTrainer while saving has both.
+    """
+    folder = Path(folder)
+    missing = f"this card was written from {CONFIG_NAME}, which does not record them"
+    return _write_card(
+        read_adapter_config(folder), folder, None, None, missing, dataset_name=dataset_name, metrics=metrics,
+        license=license, base_model=base_model, tags=tags,
+    )
+
+
+def _write_card(
+    meta: dict[str, Any],
+    folder: Path,
+    trainer: Any,
+    loads: dict[str, list[float]] | None,
+    missing_loads: str,
+    *,
+    dataset_name: str | list[str] | None,
+    metrics: dict[str, float] | None,
+    license: str | None,
+    base_model: str | None,
+    tags: list[str] | None,
+    model_name: str | None = None,
+) -> Path:
+    config = GoatConfig.from_dict(meta["config"])
+    architecture = meta["base_model"]["architecture"]
     pipeline_tag = next((tag for suffix, tag in PIPELINES.items() if architecture.endswith(suffix)), None)
-    base_model = base_model or _hub_id(getattr(getattr(model, "config", None), "_name_or_path", None))
+    base_model = base_model or _hub_id(meta["base_model"].get("name_or_path"))
     metrics = {**_trainer_metrics(trainer), **(metrics or {})}
     dataset_name = dataset_name or getattr(getattr(trainer, "args", None), "dataset_name", None)
+    datasets = [dataset_name] if isinstance(dataset_name, str) else dataset_name or None
     card_data = ModelCardData(
         base_model=base_model,
         library_name="goat_hf",
         license=license,
-        tags=["goat", "lora", "moe", "mixture-of-experts", *([pipeline_tag] if pipeline_tag else [])],
-        datasets=[dataset_name] if dataset_name else None,
+        tags=list(dict.fromkeys([*BASE_TAGS, *([pipeline_tag] if pipeline_tag else []), *(tags or [])])),
+        datasets=datasets,
         metrics=sorted({_metric_type(key) for key in metrics if key.startswith("eval_")}) or None,
         pipeline_tag=pipeline_tag,
-        model_name=Path(folder).resolve().name,
-        eval_results=_eval_results(metrics, dataset_name, pipeline_tag),
+        model_name=model_name or folder.resolve().name,
+        eval_results=_eval_results(metrics, datasets[0] if datasets else None, pipeline_tag),
     )
-    layers = goat_layers(model)
+    layers = meta["layers"].values()
+    heatmap = None
+    folder.mkdir(parents=True, exist_ok=True)
+    if loads:
+        draw_load_heatmap(loads, folder / HEATMAP_NAME)
+        heatmap = HEATMAP_NAME
     card = ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),
@@ -74,19 +135,20 @@ def write_model_card(
         aux_loss_coef=config.aux_loss_coef,
         scaling_rows=[
             {"in_features": n, "scaling": f"{s:.4g}"}
-            for n, s in sorted({(layer.in_features, layer.scaling) for layer in layers.values()})
+            for n, s in sorted({(layer["in_features"], layer["scaling"]) for layer in layers})
         ],
         target_modules=config.target_modules,
         num_layers=len(layers),
-        modules_to_save=", ".join(require_goat_state(model).modules_to_save) or "none",
+        modules_to_save=", ".join(meta["modules_to_save"]) or "none",
         hyperparameters=_hyperparameters(trainer),
         metrics={key: f"{value:.4f}" if isinstance(value, float) else value for key, value in metrics.items()},
-        routing_rows=_routing_rows(getattr(trainer, "routing_loads", None)),
-        heatmap=None,
+        routing_rows=_routing_rows(loads),
+        missing_loads=missing_loads,
+        heatmap=heatmap,
         usage=_usage(architecture, base_model),
         versions=_versions(),
     )
-    path = Path(folder) / CARD_NAME
+    path = folder / CARD_NAME
     card.save(path)
     return path
 

@@ -1,17 +1,29 @@
-"""GoatSFTTrainer: TRL's SFTTrainer with GOAT adapters (DESIGN §5). Importing this module imports TRL."""
+"""GoatSFTTrainer and GoatSFTConfig: TRL's SFTTrainer with GOAT adapters (DESIGN §5). Importing this module
+imports TRL."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from .trainer import GoatTrainerMixin
+from .training_args import GoatTrainingArguments
 
 try:
-    from trl import SFTTrainer
+    from trl import SFTConfig, SFTTrainer
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("GoatSFTTrainer needs TRL: pip install 'goat_hf[trl]'.") from error
+
+
+@dataclass
+class GoatSFTConfig(SFTConfig, GoatTrainingArguments):
+    """`trl.SFTConfig` with the GOAT flags of GoatTrainingArguments (`--goat_r`, `--aux_loss_coef`, ...).
+
+    SFTConfig's defaults win where the two differ (learning_rate 2e-5, logging_steps 10, bf16 unless fp16,
+    gradient_checkpointing on); `to_goat_config()` gives the GoatConfig, validated when the config is built.
+    """
 
 
 class GoatSFTTrainer(GoatTrainerMixin, SFTTrainer):

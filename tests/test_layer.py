@@ -1,0 +1,239 @@
+"""GoatLinear: the fused forward against the per-expert reference loop, balance loss, dtypes, switches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import perturb_, plain_linear_forward, reference_goat_forward
+from torch import nn
+
+from goat_hf import GoatConfig, GoatLinear, disable_goat
+from goat_hf.config import INIT_MODES
+
+N_IN, N_OUT = 48, 40  # n = in_features, m = out_features; h = min = 40
+
+# (E, k): every top-k in {1, 2, E} that exists for E in {1, 2, 8}
+EXPERTS_TOPK = sorted({(E, k) for E in (1, 2, 8) for k in (1, 2, E) if k <= E})
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+INPUT_SHAPES = {"2d": (6, N_IN), "3d": (2, 5, N_IN)}
+RANK = {1: 4, 2: 8, 8: 16}  # total rank r per expert count (d = 4, 4, 2)
+
+
+def make_layer(
+    init: str = "goat",
+    num_experts: int = 2,
+    top_k: int = 1,
+    dtype: torch.dtype = torch.float32,
+    bias: bool = True,
+    **config_kwargs,
+) -> GoatLinear:
+    base = nn.Linear(N_IN, N_OUT, bias=bias).to(dtype).requires_grad_(False)  # frozen, as injection leaves it
+    config = GoatConfig(
+        r=config_kwargs.pop("r", RANK[num_experts]), num_experts=num_experts, top_k=top_k, init=init, **config_kwargs
+    )
+    return GoatLinear.from_linear(base, config, torch.Generator().manual_seed(0))
+
+
+def trained_like(layer: GoatLinear) -> GoatLinear:
+    """Experts and router moved away from their init, so the residual no longer equals the current factors."""
+    perturb_(layer.expert_A, layer.expert_B, layer.router.weight)
+    return layer
+
+
+def task_and_balance_grads(layer: GoatLinear, y: torch.Tensor, balance: torch.Tensor, direction: torch.Tensor):
+    """Gradients of (y * direction).sum() w.r.t. experts and router, and of the balance loss w.r.t. the router."""
+    params = [layer.expert_A, layer.expert_B, layer.router.weight]
+    task = torch.autograd.grad((y.double() * direction.double()).sum(), params, retain_graph=True)
+    (router,) = torch.autograd.grad(balance, [layer.router.weight])
+    return dict(zip(["expert_A", "expert_B", "router.weight"], task, strict=True)), router
+
+
+@pytest.mark.parametrize("shape", INPUT_SHAPES.values(), ids=INPUT_SHAPES.keys())
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize(("num_experts", "top_k"), EXPERTS_TOPK, ids=[f"E{E}-k{k}" for E, k in EXPERTS_TOPK])
+@pytest.mark.parametrize("init", INIT_MODES)
+def test_fused_forward_and_gradients_match_per_expert_reference(init, num_experts, top_k, dtype, shape):
+    layer = trained_like(make_layer(init, num_experts, top_k, dtype))
+    x = torch.randn(shape).to(dtype)
+    direction = torch.randn(*shape[:-1], N_OUT).to(dtype)  # a fixed random loss direction
+
+    y = layer(x)
+    balance = layer.routing.balance_loss
+    y_ref, balance_ref = reference_goat_forward(layer, x)
+
+    assert y.dtype == dtype and y.shape == (*shape[:-1], N_OUT)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
+    else:  # base output, delta and their sum are each rounded to bf16 (8 bits): a few ulps apart at most
+        base = plain_linear_forward(layer.base_layer, x).float()
+        delta = (y_ref.float() - base).abs()
+        bound = 2.0**-7 * (base.abs() + delta + y_ref.float().abs()) + 1e-6
+        assert ((y.float() - y_ref.float()).abs() <= bound).all()
+        assert delta.max() > 5 * bound.max(), "adapter term too small to test in bf16"
+    torch.testing.assert_close(balance.double(), balance_ref, rtol=1e-5, atol=1e-6)
+
+    task, router = task_and_balance_grads(layer, y, balance, direction)
+    task_ref, router_ref = task_and_balance_grads(layer, y_ref, balance_ref, direction)
+    # The gradient the task loss sends through the k routing weights is 0 for k = 1 (w = p/p) and rounding
+    # noise of the order of the experts' gradients there: tolerances are relative to the largest gradient.
+    scale = max(g.abs().max().item() for g in task_ref.values())
+    for name, grad in task.items():
+        torch.testing.assert_close(grad, task_ref[name].to(grad.dtype), rtol=1e-4, atol=1e-5 * scale)
+    assert task_ref["expert_A"].abs().max() > 0 and task_ref["expert_B"].abs().max() > 0
+    assert (task_ref["router.weight"].abs().max() > 1e-3 * scale) == (top_k > 1)
+    # With k = E every f_j is 1 and the balance loss is the constant E: its gradient is 0 up to rounding.
+    torch.testing.assert_close(router, router_ref.to(router.dtype), rtol=1e-4, atol=1e-6)
+    if num_experts == 8 and top_k < num_experts:  # (with E = 2, f_0 = f_1 also gives 0)
+        assert router_ref.abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(("num_experts", "top_k"), EXPERTS_TOPK, ids=[f"E{E}-k{k}" for E, k in EXPERTS_TOPK])
+def test_balance_loss_is_k_under_uniform_routing(num_experts, top_k):
+    layer = make_layer("goat", num_experts, top_k)
+    with torch.no_grad():
+        layer.router.weight.zero_()  # every probability 1/E
+    layer(torch.randn(9, N_IN))
+    torch.testing.assert_close(layer.routing.balance_loss, torch.tensor(float(top_k)))
+    assert layer.routing.expert_load.sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("num_experts", "top_k"), [(2, 1), (8, 2)], ids=["E2-k1", "E8-k2"])
+def test_balance_loss_formula(num_experts, top_k):
+    layer = trained_like(make_layer("goat", num_experts, top_k))
+    x = torch.randn(11, N_IN)
+    layer(x)
+    probs = torch.softmax(x @ layer.router.weight.T, dim=-1)  # [T, E]
+    picks = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(1).float()  # [T, E]
+    f, P = picks.sum(0) / x.shape[0], probs.mean(0)
+    expected = num_experts * (f * P).sum()
+    torch.testing.assert_close(layer.routing.balance_loss, expected)
+    torch.testing.assert_close(layer.routing.expert_load, f / top_k)
+
+
+def test_balance_loss_excludes_padding_tokens():
+    layer = trained_like(make_layer("goat", 8, 2))
+    x = torch.randn(2, 5, N_IN)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+
+    layer.token_mask = None
+    layer(x[mask.bool()])  # the 7 real tokens alone
+    unpadded = layer.routing.balance_loss
+    unpadded_load = layer.routing.expert_load
+    y_all = layer(x)
+    with_padding = layer.routing.balance_loss
+
+    layer.token_mask = mask
+    y_masked = layer(x)
+    torch.testing.assert_close(layer.routing.balance_loss, unpadded)
+    torch.testing.assert_close(layer.routing.expert_load, unpadded_load)
+    assert not torch.allclose(with_padding, unpadded)  # the padding would have changed it
+    assert torch.equal(y_masked, y_all)  # the mask only affects the balance loss
+    _, reference = reference_goat_forward(layer, x)
+    torch.testing.assert_close(layer.routing.balance_loss.double(), reference, rtol=1e-6, atol=1e-7)
+
+
+def test_balance_loss_gradient_reaches_router_only():
+    layer = trained_like(make_layer("goat", 8, 2))
+    layer(torch.randn(7, N_IN))
+    layer.routing.balance_loss.backward()
+    assert layer.router.weight.grad.abs().max() > 0
+    assert layer.expert_A.grad is None and layer.expert_B.grad is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("init", INIT_MODES)
+def test_disabled_adapter_is_exactly_w0(init, dtype):
+    layer = trained_like(make_layer(init, 8, 2, dtype))
+    x = torch.randn(2, 5, N_IN).to(dtype)
+    expected = plain_linear_forward(layer.base_layer, x)
+    assert not torch.equal(layer(x), expected)
+    with disable_goat(layer):
+        assert torch.equal(layer(x), expected)
+    assert layer.adapter_enabled
+    layer.adapter_enabled = False
+    assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.parametrize("init", INIT_MODES)
+def test_single_expert_at_init_equals_w0(init):
+    layer = make_layer(init, num_experts=1, top_k=1)
+    assert layer.init_cof == 1.0
+    x = torch.randn(2, 5, N_IN)
+    expected = plain_linear_forward(layer.base_layer, x)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("init", ["goat", "zero"])
+def test_fp32_adapters_and_router_on_bf16_base(init):
+    layer = make_layer(init, 8, 2, torch.bfloat16)
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    assert layer.weight is layer.base_layer.weight
+    assert layer.expert_A.dtype == layer.expert_B.dtype == layer.router.weight.dtype == torch.float32
+    if init != "zero":
+        assert layer.residual_A.dtype == layer.residual_B.dtype == torch.float32
+    x = torch.randn(3, N_IN, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert layer.routing.probs.dtype == torch.float32
+    y.float().sum().backward()
+    assert layer.expert_A.grad.dtype == layer.expert_B.grad.dtype == torch.float32
+
+
+def test_zero_init_has_no_residual():
+    layer = make_layer("zero", 2, 1)
+    assert layer.residual_A is None and layer.residual_B is None
+    assert torch.count_nonzero(layer.expert_B) == 0 and torch.count_nonzero(layer.expert_A) > 0
+    assert "residual_A" not in layer.state_dict()
+
+
+def test_routing_record_is_overwritten_each_forward():
+    layer = make_layer("goat", 8, 2)
+    layer(torch.randn(5, N_IN))
+    first = layer.routing
+    x = torch.randn(3, 4, N_IN)
+    layer(x)
+    second = layer.routing
+    assert second is not first
+    assert second.probs.shape == (12, 8) and second.top_experts.shape == (12, 2)
+    torch.testing.assert_close(second.probs, torch.softmax(x.reshape(-1, N_IN) @ layer.router.weight.T, -1))
+    assert not second.probs.requires_grad
+
+
+def test_dropout_mask_is_shared_by_the_experts():
+    """Documented shortcut (DESIGN §2): one dropout mask for all experts, the reference draws one per expert."""
+    num_experts = 8
+    layer = trained_like(make_layer("goat", num_experts, num_experts, lora_dropout=0.3)).train()
+    x = torch.randn(6, N_IN)
+
+    torch.manual_seed(5)
+    y = layer(x)
+    torch.manual_seed(5)
+    shared = F.dropout(x, p=0.3, training=True)  # the one mask the layer drew
+    one_mask, _ = reference_goat_forward(layer, x, expert_inputs=[shared] * num_experts)
+    torch.manual_seed(5)
+    per_expert = [F.dropout(x, p=0.3, training=True) for _ in range(num_experts)]
+    many_masks, _ = reference_goat_forward(layer, x, expert_inputs=per_expert)
+
+    scale = y.abs().max().item()
+    torch.testing.assert_close(y, one_mask.float(), rtol=1e-5, atol=1e-5 * scale)
+    assert (y - many_masks.float()).abs().max() > 1e-3 * scale
+
+    layer.eval()  # no dropout at eval: the plain reference
+    torch.testing.assert_close(layer(x), reference_goat_forward(layer, x)[0].float(), rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_dropout_does_not_touch_the_residual_path():
+    """The residual W_res - W0 acts on the clean x: with B = 0 the output is W_res x whatever the mask."""
+    layer = make_layer("goat", 2, 1, lora_dropout=0.5).train()
+    with torch.no_grad():
+        layer.expert_B.zero_()
+    x = torch.randn(4, N_IN)
+    W_res = layer.base_layer.weight - layer.init_cof * layer.scaling * layer.residual_B @ layer.residual_A
+    expected = x @ W_res.T + layer.base_layer.bias
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_extra_repr_names_the_settings():
+    text = repr(make_layer("goat", 8, 2))
+    assert "num_experts=8" in text and "top_k=2" in text and "expert_rank=2" in text and "residual=True" in text

@@ -1,0 +1,117 @@
+"""examples/run_glue.py end to end on tiny csv files and a tiny BERT saved to tmp_path (no downloads)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from transformers import BertTokenizer
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "run_glue.py"
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+@pytest.fixture(scope="module")
+def run_glue():
+    spec = importlib.util.spec_from_file_location("run_glue", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_glue"] = module  # dataclasses resolve the module's annotations through sys.modules
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["run_glue"]
+
+
+def write_csv(path: Path, rows: list[dict]) -> str:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_bert(tmp_path, classifier_factory, run_glue):
+    """A 2-layer BERT encoder (no task head, like all-MiniLM-L6-v2) and a word-level tokenizer for the task words."""
+    words = sorted({w for text in (run_glue.SUBJECTS, run_glue.POSITIVE, run_glue.NEGATIVE) for w in text.split()})
+    words += sorted({w for t in run_glue.TEMPLATES + run_glue.INTENSIFIERS for w in t.replace(".", " ").split()})
+    vocab = {token: i for i, token in enumerate(dict.fromkeys([*SPECIAL_TOKENS, *words, ".", ","]))}
+    folder = tmp_path / "tiny-bert"
+    BertTokenizer(vocab=vocab).save_pretrained(folder)
+    classifier_factory("bert", vocab_size=len(vocab)).bert.save_pretrained(folder)
+    return str(folder)
+
+
+def common_args(model: str, output_dir: Path) -> list[str]:
+    return [
+        "--model_name_or_path", model, "--output_dir", str(output_dir), "--num_train_epochs", "1",
+        "--per_device_train_batch_size", "16", "--logging_steps", "2", "--disable_tqdm", "true",
+    ]  # fmt: skip
+
+
+def test_classification_from_csv_files(tmp_path, tiny_bert, run_glue):
+    data = run_glue.synthetic_sentiment(train_samples=64, seed=1)
+    names = data["train"].features["label"].names
+    files = {
+        split: write_csv(tmp_path / f"{split}.csv", [{"sentence": r["sentence"], "label": names[r["label"]]}
+                                                     for r in data[split]])
+        for split in ("train", "validation", "test")
+    }  # fmt: skip
+    output_dir = tmp_path / "out"
+    metrics = run_glue.main([
+        *common_args(tiny_bert, output_dir), "--train_file", files["train"], "--validation_file",
+        files["validation"], "--test_file", files["test"], "--do_train", "--do_eval", "--do_predict",
+    ])  # fmt: skip
+
+    for name in ("goat_config.json", "goat_adapter.safetensors", "README.md", "tokenizer_config.json"):
+        assert (output_dir / name).is_file(), name
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert {"train_loss", "eval_loss", "eval_accuracy", "eval_samples"} <= set(results)
+    assert results["eval_accuracy"] == metrics["eval_accuracy"]
+    assert "eval_accuracy" in (output_dir / "README.md").read_text()
+    rows = (output_dir / "predict_results_custom.txt").read_text().splitlines()
+    assert rows[0] == "index\tprediction" and len(rows) == 1 + len(data["test"])
+    assert {row.split("\t")[1] for row in rows[1:]} <= {"negative", "positive"}  # string labels mapped back
+
+
+def test_regression_from_float_labels(tmp_path, tiny_bert, run_glue):
+    data = run_glue.synthetic_sentiment(train_samples=32, seed=2)["train"]
+    rows = [
+        {"sentence1": a, "sentence2": b, "label": 2.5 + 2.5 * (la - lb)}
+        for a, b, la, lb in zip(data["sentence"][::2], data["sentence"][1::2], data["label"][::2], data["label"][1::2],
+                                strict=True)
+    ]  # fmt: skip
+    train, validation = write_csv(tmp_path / "train.csv", rows), write_csv(tmp_path / "dev.csv", rows[:8])
+    output_dir = tmp_path / "out"
+    run_glue.main([*common_args(tiny_bert, output_dir), "--train_file", train, "--validation_file", validation])
+
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert {"train_loss", "eval_mse"} <= set(results)
+    with safe_open(output_dir / "goat_adapter.safetensors", "pt") as adapter:
+        heads = [adapter.get_slice(key).get_shape() for key in adapter.keys() if key.endswith("classifier.weight")]
+    assert heads == [[1, 64]]  # num_labels = 1: one regression output
+
+
+def test_no_arguments_mean_the_offline_demo(run_glue):
+    model_args, data_args, training_args = run_glue.parse_arguments([])
+    assert model_args.model_name_or_path is None and data_args.name == run_glue.SYNTHETIC_TASK
+    assert training_args.output_dir == "outputs/glue-demo"
+    assert training_args.do_train and training_args.do_eval and not training_args.do_predict
+
+
+def test_synthetic_task_is_balanced_seeded_and_held_out(run_glue):
+    data = run_glue.synthetic_sentiment(train_samples=200, seed=3)
+    assert data["train"]["sentence"] == run_glue.synthetic_sentiment(train_samples=200, seed=3)["train"]["sentence"]
+    for split in data.values():
+        assert sum(split["label"]) * 2 == len(split)
+    assert not set(data["validation"]["sentence"]) & set(data["train"]["sentence"])
+    assert not set(data["test"]["sentence"]) & set(data["train"]["sentence"])
+
+
+def test_files_of_mixed_formats_are_refused(run_glue):
+    with pytest.raises(ValueError, match="all be csv or all be json"):
+        run_glue.DataTrainingArguments(train_file="a.csv", validation_file="b.json")
