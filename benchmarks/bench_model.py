@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from patched_layers import LeanGoatLinear, OnePassGoatLinear
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM
@@ -32,6 +33,14 @@ from goat_hf.assets import smollm2_path
 
 GOAT_CONFIG = GoatConfig(r=32, num_experts=8, top_k=2, target_modules="all-linear")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PATCHES = {"goat_lean": LeanGoatLinear, "goat_onepass": OnePassGoatLinear}  # proposed forwards, --patched
+
+
+def patch_forward(model: nn.Module, variant: str) -> nn.Module:
+    """Give every GOAT layer the proposed forward of `variant` (same weights, same maths)."""
+    for layer in goat_layers(model).values():
+        layer.__class__ = PATCHES[variant]
+    return model
 
 
 def load_base(args: argparse.Namespace) -> nn.Module:
@@ -107,7 +116,11 @@ def measure_memory(args: argparse.Namespace, variant: str) -> dict[str, float]:
     else:
         before = 1024 * proc_status_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")
-    model = get_goat_model(model, GOAT_CONFIG) if variant == "goat" else lora_model(model, args.targets)
+    if variant == "lora":
+        model = lora_model(model, args.targets)
+    else:
+        model = get_goat_model(model, GOAT_CONFIG)
+        model = patch_forward(model, variant) if variant in PATCHES else model
     step = make_step(model, make_batch(args))
     for _ in range(5):  # glibc's footprint grows over the first 3 steps, then stays
         step()
@@ -177,14 +190,16 @@ def verdict(ok: bool, target: str) -> str:
 
 
 def print_report(args: argparse.Namespace, times: dict[str, list[float]], extra: dict[str, float]) -> None:
-    cuda = args.device.startswith("cuda")
-    extra |= {f"{k}_step_s": statistics.median(times[k]) for k in ("goat", "lora")}
-    ratios = {key: extra[f"goat_{key}"] / extra[f"lora_{key}"] for key in ("peak_mib", "load_s")}
-    ratios["step_s"] = statistics.median(g / lo for g, lo in zip(times["goat"], times["lora"], strict=True))
+    extra |= {f"{name}_step_s": statistics.median(seconds) for name, seconds in times.items()}
 
-    def row(measure: str, key: str, fmt: str, note: str = "") -> None:
-        goat, lora = extra[f"goat_{key}"], extra[f"lora_{key}"]
-        print(f"| {measure} | {goat:{fmt}} | {lora:{fmt}} | {ratios.get(key, goat / lora):.3f}x | {note} |")
+    def row(
+        measure: str, key: str, fmt: str, target: float | None = None, variant: str = "goat", note: str = ""
+    ) -> None:
+        goat, lora = extra[f"{variant}_{key}"], extra[f"lora_{key}"]
+        pairs = zip(times[variant], times["lora"], strict=True)
+        ratio = statistics.median(g / lo for g, lo in pairs) if key == "step_s" else goat / lora
+        note = note or ("" if target is None else verdict(ratio <= target, f"<= {target:.2f}x"))
+        print(f"| {measure} | {goat:{fmt}} | {lora:{fmt}} | {ratio:.3f}x | {note} |")
 
     print(
         f"\nSmolLM2-135M-Instruct, {args.dtype} base, {args.device} ({torch.get_num_threads()} threads), batch "
@@ -193,16 +208,24 @@ def print_report(args: argparse.Namespace, times: dict[str, list[float]], extra:
     )
     print("| measure | GOAT | PEFT LoRA | GOAT/LoRA | target |")
     print("|---|---:|---:|---:|---|")
-    row("training step (s)", "step_s", ".3f", verdict(ratios["step_s"] <= 1.10, "<= 1.10x"))
-    memory = "max_memory_allocated" if cuda else "live tensors"
-    row(
-        f"peak memory over the base, {memory} (MiB)", "peak_mib", ".0f", verdict(ratios["peak_mib"] <= 1.10, "<= 1.10x")
-    )
-    if not cuda:
+    memory = "max_memory_allocated" if args.device.startswith("cuda") else "live tensors"
+    row("training step (s)", "step_s", ".3f", 1.10)
+    row(f"peak memory over the base, {memory} (MiB)", "peak_mib", ".0f", 1.10)
+    if not args.device.startswith("cuda"):
         row("peak RSS over the base, glibc default heap (MiB)", "heap_peak_mib", ".0f")
-    row("trainable parameters", "trainable", ",.0f", f"GOAT adds {extra['goat_residual_buffers']:,.0f} frozen factors")
+    for variant in PATCHES if args.patched else ():
+        row(f"training step, {variant} patch (s)", "step_s", ".3f", 1.10, variant)
+        row(f"peak memory, {variant} patch, {memory} (MiB)", "peak_mib", ".0f", 1.10, variant)
+    row(
+        "trainable parameters",
+        "trainable",
+        ",.0f",
+        note=f"GOAT adds {extra['goat_residual_buffers']:,.0f} frozen factors",
+    )
     row("init: get_goat_model / get_peft_model (s)", "init_s", ".2f")
-    row("adapter load onto a loaded base (s)", "load_s", ".3f", verdict(extra["goat_load_s"] <= 1.0, "GOAT <= 1 s"))
+    row(
+        "adapter load onto a loaded base (s)", "load_s", ".3f", note=verdict(extra["goat_load_s"] <= 1.0, "GOAT <= 1 s")
+    )
     row("adapter folder (MiB)", "file_mib", ".1f")
 
 
@@ -215,7 +238,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=8, help="interleaved timed steps per variant")
     parser.add_argument("--load-tries", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
-    parser.add_argument("--memory-of", choices=["goat", "lora"], help=argparse.SUPPRESS)  # subprocess mode
+    parser.add_argument("--patched", action="store_true", help="also the proposed forwards (patched_layers.py)")
+    parser.add_argument("--profile", action="store_true", help="also print the top ops of one step of each")
+    parser.add_argument("--memory-of", choices=["goat", "lora", *PATCHES], help=argparse.SUPPRESS)  # subprocess
     parser.add_argument("--targets", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -234,18 +259,33 @@ def main() -> None:
     lora = lora_model(base, targets)
     extra["lora_init_s"] = time.perf_counter() - start
     batch = make_batch(args)
-    times = time_steps({"goat": make_step(goat, batch), "lora": make_step(lora, batch)}, args.repeats, args)
+    steps = {"goat": make_step(goat, batch), "lora": make_step(lora, batch)}
+    for variant in PATCHES if args.patched else ():
+        with tempfile.TemporaryDirectory() as folder:  # the same adapter on a fresh base, no second SVD
+            save_goat_adapter(goat, folder)
+            steps[variant] = make_step(patch_forward(load_goat_adapter(load_base(args), folder), variant), batch)
+    times = time_steps(steps, args.repeats, args)
     print("steps timed", flush=True)
+    if args.profile:
+        for name in steps:
+            profile_step(steps[name], name)
     extra |= time_loads(args, goat, lora, args.load_tries)
-    del goat, lora
+    del goat, lora, steps
     gc.collect()
-    for variant in ("goat", "lora"):
+    for variant in ["goat", "lora", *(PATCHES if args.patched else ())]:
         extra |= {f"{variant}_{k}": v for k, v in memory_in_subprocess(args, variant, targets, pinned=True).items()}
-        if not args.device.startswith("cuda"):
+        if variant in ("goat", "lora") and not args.device.startswith("cuda"):
             heap = memory_in_subprocess(args, variant, targets, pinned=False)
             extra[f"{variant}_heap_peak_mib"] = heap["peak_mib"]
     extra["targets"] = len(targets)
     print_report(args, times, extra)
+
+
+def profile_step(step: Callable[[], None], name: str) -> None:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    print(f"\n#### {name}: top ops of one training step by self CPU time\n```")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), "\n```", flush=True)
 
 
 if __name__ == "__main__":

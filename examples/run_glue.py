@@ -75,15 +75,16 @@ TASK_TO_KEYS = {
     "wnli": ("sentence1", "sentence2"),
 }
 SYNTHETIC_TASK = "synthetic_sentiment"
-# Training defaults sized for the offline demo (about 190 steps); every one can be overridden on the command line.
+# Training defaults sized for the offline demo (63 steps); every one can be overridden on the command line.
 DEMO_DEFAULTS = {
     "output_dir": "outputs/glue-demo",
     "learning_rate": 1e-3,
-    "num_train_epochs": 3.0,
-    "per_device_train_batch_size": 32,
+    "num_train_epochs": 1.0,
+    "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 128,
     "warmup_steps": 0.06,
     "logging_steps": 25,
+    "save_strategy": "no",  # the adapter is saved once, at the end
 }
 
 
@@ -119,7 +120,7 @@ class DataTrainingArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation rows."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N test rows."})
     synthetic_train_samples: int = field(
-        default=2000, metadata={"help": "Training sentences of the synthetic task (no task_name and no files)."}
+        default=1000, metadata={"help": "Training sentences of the synthetic task (no task_name and no files)."}
     )
 
     def __post_init__(self) -> None:
@@ -162,7 +163,7 @@ def _synthetic_sentence(rng: random.Random, label: int) -> str:
     return rng.choice(TEMPLATES).format(subject=f"the {rng.choice(SUBJECTS.split())}", clause=clause, other=other)
 
 
-def synthetic_sentiment(train_samples: int = 2000, seed: int = 0) -> DatasetDict:
+def synthetic_sentiment(train_samples: int, seed: int = 0) -> DatasetDict:
     """A balanced binary sentiment task; validation and test sentences never occur in the training split."""
     rng = random.Random(seed)
     sizes = {"train": train_samples, "validation": max(train_samples // 4, 1), "test": max(train_samples // 4, 1)}
@@ -258,17 +259,33 @@ def sentence_keys(raw: DatasetDict, task_name: str | None) -> tuple[str, str | N
     return (columns[0], columns[1]) if len(columns) >= 2 else (columns[0], None)
 
 
-def tokenize(raw: DatasetDict, tokenizer, data_args: DataTrainingArguments, label_to_id: dict | None) -> DatasetDict:
+def encode_labels(raw: DatasetDict, label_to_id: dict | None) -> DatasetDict:
+    """Replace dataset labels by the model's ids (-1, GLUE's "no label", stays -1)."""
+    if label_to_id is None:
+        return raw
+
+    def encode(examples: dict) -> dict:
+        return {"label": [label_to_id[label] if label != -1 else -1 for label in examples["label"]]}
+
+    encoded = {}
+    for name, dataset in raw.items():
+        if "label" not in dataset.column_names:
+            encoded[name] = dataset
+            continue
+        # map keeps a rewritten column's old type (strings stay strings), so the new type is given explicitly
+        features = Features({**dataset.features, "label": Value("int64")})
+        encoded[name] = dataset.map(encode, batched=True, features=features, desc="Encoding labels")
+    return DatasetDict(encoded)
+
+
+def tokenize(raw: DatasetDict, tokenizer, data_args: DataTrainingArguments) -> DatasetDict:
     first, second = sentence_keys(raw, data_args.task_name)
     max_length = min(data_args.max_seq_length, tokenizer.model_max_length)
     padding = "max_length" if data_args.pad_to_max_length else False
 
     def preprocess(examples: dict) -> dict:
         texts = (examples[first],) if second is None else (examples[first], examples[second])
-        result = tokenizer(*texts, padding=padding, max_length=max_length, truncation=True)
-        if label_to_id is not None and "label" in examples:
-            result["label"] = [label_to_id[label] if label != -1 else -1 for label in examples["label"]]
-        return result
+        return tokenizer(*texts, padding=padding, max_length=max_length, truncation=True)
 
     return raw.map(preprocess, batched=True, desc="Tokenizing")
 
@@ -390,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model, tokenizer = load_model(model_args, data_args, num_labels=len(label_list) if label_list else 1)
     label_to_id = align_labels(model, label_list, named=isinstance(labelled_split(raw).features["label"], ClassLabel))
     with training_args.main_process_first(desc="dataset tokenization"):
-        tokenized = tokenize(raw, tokenizer, data_args, label_to_id)
+        tokenized = tokenize(encode_labels(raw, label_to_id), tokenizer, data_args)
 
     do_train, do_eval = training_args.do_train, training_args.do_eval
     trainer = GoatTrainer(
