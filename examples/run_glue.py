@@ -53,6 +53,8 @@ from transformers import (
     DataCollatorWithPadding,
     HfArgumentParser,
     PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
     default_data_collator,
     set_seed,
 )
@@ -208,7 +210,13 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
 
 def labelled_split(raw: DatasetDict) -> Dataset:
     """The split the labels are read from: train, or validation for an evaluation-only run."""
-    return raw["train"] if "train" in raw else raw["validation"]
+    for name in ("train", "validation"):
+        if name in raw and "label" in raw[name].column_names:
+            return raw[name]
+    raise ValueError(
+        f"The labels are read from the train split (validation in an evaluation-only run), which needs a 'label' "
+        f"column; the data has {', '.join(f'{name}: {d.column_names}' for name, d in raw.items())}."
+    )
 
 
 def label_list_of(raw: DatasetDict, task_name: str | None) -> list | None:
@@ -221,7 +229,7 @@ def label_list_of(raw: DatasetDict, task_name: str | None) -> list | None:
     return sorted(labelled_split(raw).unique("label"))
 
 
-def align_labels(model: transformers.PreTrainedModel, label_list: list | None, named: bool) -> dict | None:
+def align_labels(model: PreTrainedModel, label_list: list | None, named: bool) -> dict | None:
     """Map dataset labels to the model's ids as transformers' run_glue.py does, and name the model's labels.
 
     Returns dataset label -> model id, or None when the dataset's ids are the model's. `named` data (a ClassLabel,
@@ -278,7 +286,7 @@ def encode_labels(raw: DatasetDict, label_to_id: dict | None) -> DatasetDict:
     return DatasetDict(encoded)
 
 
-def tokenize(raw: DatasetDict, tokenizer, data_args: DataTrainingArguments) -> DatasetDict:
+def tokenize(raw: DatasetDict, tokenizer: PreTrainedTokenizerBase, data_args: DataTrainingArguments) -> DatasetDict:
     first, second = sentence_keys(raw, data_args.task_name)
     max_length = min(data_args.max_seq_length, tokenizer.model_max_length)
     padding = "max_length" if data_args.pad_to_max_length else False
@@ -334,7 +342,8 @@ def run_prediction(
             rows = [f"{value:3.3f}" for value in np.squeeze(logits, axis=-1)]
         else:
             rows = [trainer.model.config.id2label[int(i)] for i in np.argmax(logits, axis=1)]
-        path = Path(trainer.args.output_dir) / f"predict_results_{data_args.name}{'-mm' * (name[-2:] == 'ed')}.txt"
+        suffix = "-mm" if name == "test_mismatched" else ""
+        path = Path(trainer.args.output_dir) / f"predict_results_{data_args.name}{suffix}.txt"
         if trainer.is_world_process_zero():
             path.write_text("index\tprediction\n" + "".join(f"{i}\t{row}\n" for i, row in enumerate(rows)))
             logger.info("Predictions written to %s", path)
@@ -377,7 +386,9 @@ def setup_logging(training_args: GoatTrainingArguments) -> None:
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
 
 
-def load_model(model_args: ModelArguments, data_args: DataTrainingArguments, num_labels: int):
+def load_model(
+    model_args: ModelArguments, data_args: DataTrainingArguments, num_labels: int
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     path = model_args.model_name_or_path or str(minilm_path())
     hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision}
     config = AutoConfig.from_pretrained(path, num_labels=num_labels, finetuning_task=data_args.name, **hub)

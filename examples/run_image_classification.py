@@ -435,11 +435,11 @@ def run(argv: list[str] | None = None) -> tuple[GoatTrainer, dict[str, float]]:
 
     with training_args.main_process_first(desc="image folder"):
         raw = load_raw_datasets(data_args, model_args, training_args.seed)
-    labels = label_names(raw, data_args.label_column_name)
-    model, processor = load_model(model_args, labels, training_args)
     do_train, do_eval = training_args.do_train, training_args.do_eval
     if do_train and "train" not in raw:
         raise ValueError(f"Training needs a 'train' split; the data has {list(raw)}. Pass --do_eval alone to evaluate.")
+    labels = label_names(raw, data_args.label_column_name)
+    model, processor = load_model(model_args, labels, training_args)
     train_dataset = eval_dataset = None
     if do_train:
         transform = make_transform(processor, data_args, augment=data_args.augment)

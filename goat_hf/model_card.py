@@ -186,7 +186,8 @@ def _hyperparameters(trainer: Any) -> dict[str, Any]:
     args = getattr(trainer, "args", None)
     if args is None:
         return {}
-    return {key: getattr(args, key) for key in HYPERPARAMETERS if getattr(args, key, None) is not None}
+    values = {key: getattr(args, key, None) for key in HYPERPARAMETERS}
+    return {key: getattr(value, "value", value) for key, value in values.items() if value is not None}  # enums by name
 
 
 def _routing_rows(loads: dict[str, list[float]] | None) -> list[dict[str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach the Hub (DESIGN §6)
 
@@ -18,10 +19,20 @@ from transformers import (  # noqa: E402
     RobertaForSequenceClassification,
 )
 
-from goat_hf import GoatLinear  # noqa: E402
+from goat_hf import GoatLinear, goat_layers  # noqa: E402
 
 SEED = 1234
 VOCAB = 100
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_intra_op_thread() -> Iterator[None]:
+    """Tiny models gain nothing from a thread pool, and on a shared two-core machine two OpenMP threads fighting
+    for busy cores make the fast suite ~10x slower (tiny SVDs crawl). Results are compared within one process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -153,6 +164,25 @@ def perturb_(*tensors: torch.Tensor, std: float = 0.1, seed: int = 99) -> None:
     with torch.no_grad():
         for tensor in tensors:
             tensor.add_(std * torch.randn(tensor.shape, generator=generator).to(tensor.dtype))
+
+
+def train_like_(model: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
+    """Perturb every GOAT layer's experts and router, and the modules_to_save, as training would (seeded)."""
+    for i, layer in enumerate(goat_layers(model).values()):
+        perturb_(layer.expert_A, layer.expert_B, layer.router.weight, std=std, seed=i)
+    for i, name in enumerate(model.goat_state.modules_to_save):
+        perturb_(*model.get_submodule(name).parameters(), std=std, seed=10_000 + i)
+    return model
+
+
+def forbid_svd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on any SVD fails the test: loading an adapter must rebuild every layer from the file."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loading an adapter must not compute an SVD")
+
+    for module, name in [(torch.linalg, "svd"), (torch, "svd"), (torch.linalg, "svdvals"), (torch, "svd_lowrank")]:
+        monkeypatch.setattr(module, name, refuse)
 
 
 def plain_linear_forward(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

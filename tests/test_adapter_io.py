@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import perturb_, tiny_classifier, tiny_llama, token_batch
+from conftest import forbid_svd, perturb_, tiny_classifier, tiny_llama, token_batch, train_like_
 from safetensors.torch import load_file
 
 from goat_hf import (
@@ -25,26 +25,7 @@ SMALL = GoatConfig(r=16, num_experts=8, top_k=2)
 
 def trained(model: torch.nn.Module, config: GoatConfig = SMALL) -> torch.nn.Module:
     """Inject, then move experts, routers and the head away from their init, as training would."""
-    get_goat_model(model, config)
-    for layer in goat_layers(model).values():
-        perturb_(layer.expert_A, layer.expert_B, layer.router.weight)
-    for name in model.goat_state.modules_to_save:
-        perturb_(*model.get_submodule(name).parameters(), seed=7)
-    return model
-
-
-@pytest.fixture
-def forbid_svd(monkeypatch):
-    """Call it once the trained model is saved: from then on any SVD fails the test (loading must not need one)."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("loading an adapter must not compute an SVD")
-
-    def install() -> None:
-        for module, name in [(torch.linalg, "svd"), (torch, "svd"), (torch.linalg, "svdvals"), (torch, "svd_lowrank")]:
-            monkeypatch.setattr(module, name, refuse)
-
-    return install
+    return train_like_(get_goat_model(model, config))
 
 
 def logits(model, batch) -> torch.Tensor:
@@ -53,14 +34,14 @@ def logits(model, batch) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("init", ["goat", "random", "zero"])
-def test_save_load_llama_is_bit_exact_without_svd(tmp_path, init, forbid_svd):
+def test_save_load_llama_is_bit_exact_without_svd(tmp_path, init, monkeypatch):
     config = GoatConfig(r=16, num_experts=8, top_k=2, init=init, lora_dropout=0.05)
     model = trained(tiny_llama(seed=0), config)
     batch = token_batch()
     expected = logits(model, batch)
     folder = save_goat_adapter(model, tmp_path / "adapter")
 
-    forbid_svd()
+    forbid_svd(monkeypatch)
     with pytest.raises(AssertionError, match="must not compute an SVD"):  # the patch is in place
         get_goat_model(tiny_llama(seed=0), config if init != "zero" else SMALL)
     fresh = tiny_llama(seed=0)
@@ -84,13 +65,13 @@ def test_save_load_llama_is_bit_exact_without_svd(tmp_path, init, forbid_svd):
 
 
 @pytest.mark.parametrize(("kind", "num_labels"), [("bert", 2), ("roberta", 3)])
-def test_save_load_classifier_with_trained_head(tmp_path, kind, num_labels, forbid_svd):
+def test_save_load_classifier_with_trained_head(tmp_path, kind, num_labels, monkeypatch):
     model = trained(tiny_classifier(kind, num_labels, seed=0))
     batch = token_batch()
     expected = logits(model, batch)
     folder = save_goat_adapter(model, tmp_path / "adapter")
 
-    forbid_svd()
+    forbid_svd(monkeypatch)
     fresh = tiny_classifier(kind, num_labels, seed=0)
     assert not torch.equal(
         fresh.classifier.state_dict()["out_proj.weight" if kind == "roberta" else "weight"],

@@ -180,6 +180,24 @@ def test_fp32_adapters_and_router_on_bf16_base(init):
     assert layer.expert_A.grad.dtype == layer.expert_B.grad.dtype == torch.float32
 
 
+def test_adapter_path_stays_fp32_under_bf16_autocast():
+    """Under autocast only the base matmul drops to bf16: routing and experts compute as without autocast."""
+    layer = make_layer("goat", 8, 2)
+    perturb_(layer.expert_B, layer.router.weight)
+    x = torch.randn(4, 6, N_IN)
+    with torch.no_grad():
+        reference = layer(x) - layer.base_layer(x)  # the adapter term in plain fp32
+        picks, probs = layer.routing.top_experts.clone(), layer.routing.probs.clone()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+            base = layer.base_layer(x)
+    assert y.dtype == torch.bfloat16 and layer.routing.probs.dtype == torch.float32
+    assert torch.equal(layer.routing.top_experts, picks) and torch.equal(layer.routing.probs, probs)
+    # y = bf16(base) + bf16(adapter term): the term matches fp32 to bf16 rounding of the sum
+    bound = 0.02 * y.float().abs().max().item()
+    torch.testing.assert_close(y.float() - base.float(), reference, rtol=0.02, atol=bound)
+
+
 def test_zero_init_has_no_residual():
     layer = make_layer("zero", 2, 1)
     assert layer.residual_A is None and layer.residual_B is None

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from conftest import perturb_, tiny_classifier, tiny_llama, token_batch
+from conftest import perturb_, tiny_classifier, tiny_llama, token_batch, train_like_
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -24,11 +24,6 @@ from goat_hf import (
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SMALL = GoatConfig(r=16, num_experts=8, top_k=2)
-
-
-def perturb_adapters_(model: nn.Module) -> None:
-    for layer in goat_layers(model).values():
-        perturb_(layer.expert_A, layer.expert_B, layer.router.weight)
 
 
 def test_injects_in_place_and_keeps_the_transformers_model():
@@ -138,7 +133,7 @@ def test_disable_goat_gives_the_base_model_exactly():
     with torch.no_grad():
         expected = model(**batch).logits
     get_goat_model(model, SMALL)
-    perturb_adapters_(model)
+    train_like_(model)
     with torch.no_grad():
         assert not torch.allclose(model(**batch).logits, expected)
         with disable_goat(model) as same:
@@ -157,9 +152,9 @@ def test_unload_gives_back_the_plain_model():
     batch = token_batch()
 
     get_goat_model(model, SMALL)
-    perturb_adapters_(model)
-    perturb_(model.classifier.weight)  # "trained" head
+    train_like_(model)  # experts, routers and the head
     trained_head = model.classifier.weight.detach().clone()
+    old_layer = goat_layers(model)["bert.pooler.dense"]
     assert unload_goat(model) is model
 
     assert not goat_layers(model) and not hasattr(model, "goat_state")
@@ -170,9 +165,10 @@ def test_unload_gives_back_the_plain_model():
         if not name.startswith("classifier."):
             assert torch.equal(p, weights[name]), name
     assert torch.equal(model.classifier.weight, trained_head)  # the head stays as trained, as PEFT's unload()
+    old_layer.token_mask = None
     with torch.no_grad():
         model(**batch)
-    assert all(not hasattr(m, "token_mask") for m in model.modules())
+    assert old_layer.token_mask is None  # the attention-mask hook is gone with the layers
     get_goat_model(model, SMALL)  # can be injected again
     with pytest.raises(ValueError, match="has no GOAT layers; call get_goat_model"):
         unload_goat(unload_goat(model))
@@ -181,7 +177,7 @@ def test_unload_gives_back_the_plain_model():
 def test_injected_layers_follow_the_train_eval_mode():
     """Layers injected into an eval model are in eval mode: no adapter dropout at inference."""
     model = get_goat_model(tiny_llama(), GoatConfig(r=16, num_experts=8, lora_dropout=0.3))
-    perturb_adapters_(model)
+    train_like_(model)
     assert not any(m.training for m in model.modules())
     batch = token_batch()
     with torch.no_grad():
@@ -216,7 +212,7 @@ def test_trainable_parameter_counts_by_kind(capsys):
 def test_attention_mask_reaches_every_layer():
     """The balance loss of each layer covers the real tokens only (padding excluded through the model's mask)."""
     model = get_goat_model(tiny_llama(), SMALL)
-    perturb_adapters_(model)
+    train_like_(model)
     batch = token_batch()
     real = batch["attention_mask"].reshape(-1).bool()
     with torch.no_grad():

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
 from transformers import BertTokenizer
 
@@ -115,3 +116,16 @@ def test_synthetic_task_is_balanced_seeded_and_held_out(run_glue):
 def test_files_of_mixed_formats_are_refused(run_glue):
     with pytest.raises(ValueError, match="all be csv or all be json"):
         run_glue.DataTrainingArguments(train_file="a.csv", validation_file="b.json")
+
+
+def test_task_name_and_files_together_are_refused(run_glue):
+    with pytest.raises(ValueError, match="either --task_name or data files"):
+        run_glue.DataTrainingArguments(task_name="sst2", train_file="a.csv")
+
+
+def test_a_missing_split_is_named(run_glue):
+    data = DatasetDict({"test": Dataset.from_dict({"sentence": ["a"]})})
+    with pytest.raises(ValueError, match=r"needs a 'train' split; the data has \['test'\]"):
+        run_glue.split(data, "train", None)
+    with pytest.raises(ValueError, match=r"needs a 'label' column; the data has test: \['sentence'\]"):
+        run_glue.labelled_split(data)

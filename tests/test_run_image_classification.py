@@ -187,3 +187,22 @@ def test_dataset_errors_name_the_columns_and_labels(script, tmp_path):
     model_args, data_args, _ = script.parse_arguments([*argv, "--cache_dir", str(tmp_path / "cache")])
     with pytest.raises(ValueError, match=r"no column 'img'; its columns are \['image', 'label'\]\. Name the right"):
         script.load_raw_datasets(data_args, model_args, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("splits", "flag", "message"),
+    [
+        (["validation"], "--validation_dir", r"Training needs a 'train' split; the data has \['validation'\]\. Pass"),
+        (["test"], "--data_dir", r"The data needs a 'train' or a 'validation' split; it has \['test'\]"),
+    ],
+    ids=["no-train", "neither"],
+)
+def test_missing_splits_are_named(script, tmp_path, splits, flag, message):
+    for split in splits:
+        for i in range(4):
+            (tmp_path / "images" / split / CLASSES[i % 2]).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "images" / split / CLASSES[i % 2] / f"{i}.png")
+    folder = tmp_path / "images" / splits[0] if flag == "--validation_dir" else tmp_path / "images"
+    argv = ["--output_dir", str(tmp_path / "out"), flag, str(folder), "--cache_dir", str(tmp_path / "cache")]
+    with pytest.raises(ValueError, match=message):
+        script.run(argv)
