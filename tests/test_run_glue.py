@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from datasets import Dataset, DatasetDict
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from safetensors.torch import load_file
 from transformers import BertTokenizer
 
@@ -95,6 +95,38 @@ def test_regression_from_float_labels(tmp_path, tiny_bert, run_glue):
     assert {"train_loss", "eval_mse"} <= set(results)
     adapter = load_file(output_dir / "goat_adapter.safetensors")
     assert adapter["classifier.weight"].shape == (1, 64)  # num_labels = 1: one regression output
+
+
+def test_mnli_is_evaluated_matched_and_mismatched(tmp_path, tiny_bert, run_glue, monkeypatch):
+    """GLUE's layout (ClassLabel labels, -1 on the test sets) through --task_name, with the Hub replaced."""
+    sentences = run_glue.synthetic_sentiment(train_samples=48, seed=4)["train"]["sentence"]
+    features = Features({
+        "premise": Value("string"), "hypothesis": Value("string"),
+        "label": ClassLabel(names=["entailment", "neutral", "contradiction"]),
+    })  # fmt: skip
+
+    def glue_split(size: int, labelled: bool = True) -> Dataset:
+        rows = {"premise": sentences[:size], "hypothesis": sentences[-size:]}
+        return Dataset.from_dict({**rows, "label": [i % 3 if labelled else -1 for i in range(size)]}, features)
+
+    glue = DatasetDict({
+        "train": glue_split(48), "validation_matched": glue_split(12), "validation_mismatched": glue_split(9),
+        "test_matched": glue_split(5, labelled=False), "test_mismatched": glue_split(4, labelled=False),
+    })  # fmt: skip
+    requests = []
+    monkeypatch.setattr(run_glue, "load_dataset", lambda *args, **kwargs: requests.append(args) or glue)
+    output_dir = tmp_path / "out"
+    run_glue.main([*common_args(tiny_bert, output_dir), "--task_name", "mnli", "--do_train", "--do_eval",
+                   "--do_predict"])  # fmt: skip
+
+    assert requests == [("nyu-mll/glue", "mnli")]
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert results["eval_samples"] == 12 and results["eval_samples_mm"] == 9
+    assert {"eval_accuracy", "eval_accuracy_mm"} <= set(results)
+    for name, size in (("predict_results_mnli.txt", 5), ("predict_results_mnli-mm.txt", 4)):
+        rows = (output_dir / name).read_text().splitlines()[1:]
+        assert len(rows) == size and {row.split("\t")[1] for row in rows} <= {"entailment", "neutral", "contradiction"}
+    assert "nyu-mll/glue" in (output_dir / "README.md").read_text()
 
 
 def test_no_arguments_mean_the_offline_demo(run_glue):

@@ -21,7 +21,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # A couple of optimizer steps and a few generated tokens: the tests check the plumbing, not the accuracy.
 QUICK = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
          "--max_new_tokens", "4", "--goat_r", "4", "--goat_num_experts", "4", "--logging_steps", "1",
-         "--save_strategy", "no", "--disable_tqdm", "true"]  # fmt: skip
+         "--save_strategy", "no", "--disable_tqdm", "true", "--dataloader_pin_memory", "false"]  # fmt: skip
 
 
 @functools.cache
