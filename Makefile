@@ -29,6 +29,7 @@ test-fast:
 bench:
 	$(PYTHON) benchmarks/bench_layer.py
 	$(PYTHON) benchmarks/bench_model.py
+	$(PYTHON) benchmarks/bench_trainer.py
 
 lint:
 	ruff check .

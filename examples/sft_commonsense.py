@@ -115,8 +115,8 @@ class ScriptArguments(ModelAndDataArguments):
     )
     eval_split: str = field(default="test", metadata={"help": "Split of Hub evaluation sets."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N of each set."})
-    num_generated_train: int = field(default=320, metadata={"help": "Generated training records (offline)."})
-    num_generated_eval: int = field(default=16, metadata={"help": "Generated evaluation records per task."})
+    num_generated_train: int = field(default=96, metadata={"help": "Generated training records (offline)."})
+    num_generated_eval: int = field(default=12, metadata={"help": "Generated evaluation records per task."})
     max_new_tokens: int = field(default=32, metadata={"help": "Generation length (LLM-Adapters: 32)."})
 
 

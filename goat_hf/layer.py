@@ -51,9 +51,8 @@ class GoatLinear(nn.Module):
         self.expert_B = nn.Parameter(torch.zeros(m, config.r, device=device))  # [m, E*d]
         self.router = nn.Linear(n, config.num_experts, bias=False, device=device, dtype=torch.float32)
         # Frozen initial factors: W_res = W0 - c*s*residual_B @ residual_A. None for init="zero" (no residual).
-        shape_or_none = (config.r, n) if with_residual else None
-        self.register_buffer("residual_A", torch.zeros(config.r, n, device=device) if shape_or_none else None)
-        self.register_buffer("residual_B", torch.zeros(m, config.r, device=device) if shape_or_none else None)
+        self.register_buffer("residual_A", torch.zeros(config.r, n, device=device) if with_residual else None)
+        self.register_buffer("residual_B", torch.zeros(m, config.r, device=device) if with_residual else None)
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.adapter_enabled = True
         self.token_mask: torch.Tensor | None = None  # [..] over x.shape[:-1]; False marks padding
@@ -98,13 +97,14 @@ class GoatLinear(nn.Module):
         E, d = self.num_experts, self.expert_rank
         with torch.autocast(x.device.type, enabled=False):  # experts and router run in fp32 under bf16 autocast too
             x = x.reshape(-1, self.in_features).to(torch.float32)  # [T, n]
-            gates = self._route(x)  # [T, E], k non-zero weights per token summing to 1
+            gates = self._route(x) * self.scaling  # [T, E], s times k non-zero weights per token summing to 1
             h = self.dropout(x) @ self.expert_A.T  # [T, E*d]
-            h = (h.view(-1, E, d) * gates.unsqueeze(-1)).view(-1, E * d)  # each expert's d columns times w_j
-            delta = h @ self.expert_B.T  # [T, m]
-            if self.residual_A is not None:
-                delta = delta - self.init_cof * ((x @ self.residual_A.T) @ self.residual_B.T)  # W_res - W0
-        return result + (self.scaling * delta).view(result.shape).to(result.dtype)
+            h = (h.view(-1, E, d) * gates.unsqueeze(-1)).view(-1, E * d)  # each expert's d columns times s*w_j
+            delta = h @ self.expert_B.T  # [T, m]  sum_j w_j s B_j A_j x
+            if self.residual_A is not None:  # W_res - W0 = -c*s*B0*A0, scaled on the rank-r side (cheaper)
+                correction = (x @ self.residual_A.T) * (-self.init_cof * self.scaling)  # [T, r]
+                delta = delta.addmm_(correction, self.residual_B.T)  # in place: mm outputs are not saved
+        return result + delta.view(result.shape).to(result.dtype)
 
     def _route(self, x: torch.Tensor) -> torch.Tensor:
         """Top-k routing weights [T, E]; records the routing and the balance loss of this forward."""
