@@ -53,7 +53,7 @@ from goat_hf.generation import generate_responses  # noqa: E402
 from goat_hf.instruction_data import load_records, record_prompt, record_response  # noqa: E402
 
 # Flag defaults: the paper's GSM8K recipe (GoatConfig's r=8, 8 experts, top-2; 5 epochs; sft_common's shared
-# defaults) but for the learning rate, 1e-4 instead of 2e-5: the offline run takes 50 steps, the paper ~15,000.
+# defaults) but for the learning rate, 1e-4 instead of 2e-5: the offline run takes 50 steps, the paper thousands.
 DEFAULTS = {"output_dir": "outputs/sft_nlg", "num_train_epochs": 5, "learning_rate": 1e-4}
 NAMES = ("Ava", "Ben", "Mia", "Leo", "Zoe", "Sam", "Ivy", "Max", "Nora", "Omar")
 ITEMS = ("apples", "pencils", "stickers", "marbles", "cookies", "books", "shells", "cards")
@@ -115,6 +115,8 @@ def generated_problems(num_train: int, num_eval: int, seed: int) -> tuple[list[d
             break
         problem = word_problem(rng)
         problems.setdefault(problem["query"], problem)
+    if len(problems) < num_train + num_eval:
+        raise RuntimeError("Too few distinct problems: lower --num_generated_train or --num_generated_eval.")
     records = list(problems.values())
     return records[num_eval:], records[:num_eval]
 

@@ -25,6 +25,7 @@ _LAZY = {
     "GoatTrainingArguments": "training_args",
     "GoatHubMixin": "trainer_hub",
     "GoatSFTTrainer": "sft_trainer",
+    "GoatSFTConfig": "sft_trainer",
 }
 
 
@@ -42,6 +43,7 @@ __all__ = [
     "GoatHubError",
     "GoatHubMixin",
     "GoatLinear",
+    "GoatSFTConfig",
     "GoatSFTTrainer",
     "GoatTrainer",
     "GoatTrainerMixin",
