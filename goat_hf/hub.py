@@ -111,9 +111,9 @@ def upload_adapter_folder(
     create_pr: bool = False,
 ) -> CommitInfo:
     """Create the repo (and branch) when missing, then upload `allow_patterns` of `folder` in one commit."""
+    repo_id = create_adapter_repo(repo_id, private=private, token=token)
     api = _api()
     try:
-        repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         if revision is not None and not create_pr:
             api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
         return api.upload_folder(

@@ -112,10 +112,12 @@ class GoatLinear(nn.Module):
         top_w, top_i = probs.topk(self.top_k, dim=-1)  # [T, k]
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         picks = torch.zeros_like(probs).scatter_(1, top_i, 1.0)  # [T, E], 1 where expert j is picked
-        real = self._real_tokens(x.shape[0], probs)  # [T, 1]
-        num_real = real.sum().clamp(min=1.0)
-        f = (picks * real).sum(0) / num_real  # [E] picks per real token
-        P = (probs * real).sum(0) / num_real  # [E] mean router probability
+        real = self._real_tokens(x.shape[0], probs)  # [T, 1] or None when every token is real
+        if real is None:
+            f, P = picks.mean(0), probs.mean(0)  # [E] picks per token, mean router probability
+        else:
+            num_real = real.sum().clamp(min=1.0)
+            f, P = (picks * real).sum(0) / num_real, (probs * real).sum(0) / num_real
         self.routing = RoutingRecord(
             probs=probs.detach(),
             top_experts=top_i,
@@ -124,12 +126,12 @@ class GoatLinear(nn.Module):
         )
         return torch.zeros_like(probs).scatter_(1, top_i, top_w)
 
-    def _real_tokens(self, num_tokens: int, probs: torch.Tensor) -> torch.Tensor:
-        """[T, 1] weights: 0 for padding when a token mask of this input's shape is set, else all 1."""
+    def _real_tokens(self, num_tokens: int, probs: torch.Tensor) -> torch.Tensor | None:
+        """[T, 1] weights, 0 for padding, when a token mask of this input's shape is set; else None."""
         mask = self.token_mask
         if mask is None or mask.numel() != num_tokens:
-            return torch.ones(num_tokens, 1, device=probs.device, dtype=probs.dtype)
-        return mask.reshape(num_tokens, 1).to(device=probs.device, dtype=probs.dtype)
+            return None
+        return mask.reshape(num_tokens, 1).to(device=probs.device, dtype=probs.dtype)  # no-op from the model hook
 
     def extra_repr(self) -> str:
         return (

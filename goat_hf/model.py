@@ -81,7 +81,8 @@ def _token_mask_hook(layers: list[GoatLinear]):
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
-        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        # converted once here rather than in each of the layers
+        mask = mask.to(torch.float32) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         for layer in layers:
             layer.token_mask = mask
 
@@ -191,9 +192,15 @@ def trainable_parameter_counts(model: nn.Module) -> dict[str, int]:
         if not param.requires_grad:
             continue
         counts["trainable"] += param.numel()
-        kind = "experts" if name.endswith((".expert_A", ".expert_B")) else "router" if ".router." in name else "head"
-        counts[kind] += param.numel()
+        counts[parameter_kind(name)] += param.numel()
     return counts
+
+
+def parameter_kind(name: str) -> str:
+    """"experts", "router" or "head" (a module trained in full) for a trainable parameter's name."""
+    if name.endswith((".expert_A", ".expert_B")):
+        return "experts"
+    return "router" if ".router." in name else "head"
 
 
 def print_trainable_parameters(model: nn.Module) -> None:

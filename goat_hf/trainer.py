@@ -16,7 +16,7 @@ from transformers.trainer import is_optimizer_factory
 
 from .adapter_io import restore_goat_weights, save_goat_adapter
 from .config import GoatConfig
-from .model import get_goat_model, goat_layers
+from .model import get_goat_model, goat_layers, parameter_kind
 from .model_card import write_model_card
 from .routing_health import load_summary
 from .trainer_hub import GoatHubMixin
@@ -181,12 +181,10 @@ class GoatTrainerMixin(GoatHubMixin):
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
-            if name.endswith((".expert_A", ".expert_B")):
-                params["experts"].append(param)
-            elif ".router." in name:
-                params["router"].append(param)
-            else:
-                params["head" if name in decay else "head_no_decay"].append(param)
+            kind = parameter_kind(name)
+            if kind == "head" and name not in decay:
+                kind = "head_no_decay"
+            params[kind].append(param)
         groups = [
             {"name": name, "params": params[name], "lr": lr, "weight_decay": wd}
             for name, (lr, wd) in settings.items()
