@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 InitMode = Literal["goat", "goat_mini", "pissa", "milora", "random", "zero"]
-ScalingMode = Literal["goat", "alpha", "rslora"]
+ScalingMode = Literal["goat", "alpha", "rslora", "aligned"]
 
 INIT_MODES: tuple[str, ...] = ("goat", "goat_mini", "pissa", "milora", "random", "zero")
-SCALING_MODES: tuple[str, ...] = ("goat", "alpha", "rslora")
+SCALING_MODES: tuple[str, ...] = ("goat", "alpha", "rslora", "aligned")
 SVD_DTYPES: tuple[str, ...] = ("float32", "float64")
 
 
@@ -39,12 +39,16 @@ class GoatConfig:
         default="goat",
         metadata={
             "help": "Adapter scaling s: 'goat' = sqrt(3*in_features*eta/d) (Theorem 3.5), 'alpha' = lora_alpha/d, "
-            "'rslora' = lora_alpha/sqrt(d), or a positive number used as is."
+            "'rslora' = lora_alpha/sqrt(d), 'aligned' = per layer, so that the first AdamW step changes the "
+            "weight eta times as much as full fine-tuning's step at the same lr, or a positive number used as is."
         },
     )
     eta: float = field(
         default=1.0,
-        metadata={"help": "Full fine-tuning lr / adapter lr, used by the 'goat' scaling (paper: 0.1 for LLaMA)."},
+        metadata={
+            "help": "Full fine-tuning lr / adapter lr, used by the 'goat' and 'aligned' scalings (paper: 0.1 for "
+            "LLaMA)."
+        },
     )
     lora_alpha: float = field(default=16.0, metadata={"help": "Alpha of the 'alpha' and 'rslora' scalings."})
     rho: float = field(default=10.0, metadata={"help": "Shrinks the SVD segment each expert starts from (rho)."})

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GoatConfig
-from .init import expert_factors, scaling_factor
+from .init import scaled_expert_factors
 
 
 @dataclass
@@ -63,9 +63,8 @@ class GoatLinear(nn.Module):
         cls, base_layer: nn.Linear, config: GoatConfig, generator: torch.Generator | None = None
     ) -> GoatLinear:
         """Wrap a pretrained Linear, initialising the experts from its SVD segments (DESIGN §2)."""
-        scaling = scaling_factor(config, base_layer.in_features)
+        A, B, scaling = scaled_expert_factors(base_layer.weight, config, generator)
         layer = cls(base_layer, config, scaling, with_residual=config.init != "zero")
-        A, B = expert_factors(base_layer.weight, config, scaling, generator)
         router = torch.empty(config.num_experts, base_layer.in_features)  # drawn on the CPU: same on any device
         nn.init.kaiming_uniform_(router, a=math.sqrt(5), generator=generator)
         with torch.no_grad():
