@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 from transformers.trainer import is_optimizer_factory
 
@@ -19,12 +19,20 @@ from .config import GoatConfig
 from .model import get_goat_model, goat_layers, parameter_kind
 from .model_card import write_model_card
 from .routing_health import load_summary
+from .routing_trackers import RoutingTrackerCallback
 from .trainer_hub import GoatHubMixin
 from .training_args import GoatTrainingArguments
 
 logger = logging.getLogger(__name__)
 
 TRAINING_ARGS_NAME = "training_args.bin"
+# transformers 5.24 renamed gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs) and warns on the old
+# names; 5.0-5.23 know only the old ones. (Both attributes mirror each other once the arguments are built.)
+CHECKPOINTING_FLAG = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing"
+)
 
 
 class GoatTrainerMixin(GoatHubMixin):
@@ -54,6 +62,8 @@ class GoatTrainerMixin(GoatHubMixin):
         self._goat_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._warned_no_aux_gradient = False
         self.routing_loads: dict[str, list[float]] = {}  # last logged per-layer expert load shares
+        self.routing_aux: dict[str, float] = {}  # last logged per-layer balance loss / k (1.0 = balanced)
+        self.add_callback(RoutingTrackerCallback(self))  # routing heatmap and per-layer loads in the trackers
 
     # ---- set-up ----
 
@@ -82,7 +92,7 @@ class GoatTrainerMixin(GoatHubMixin):
         if getattr(args, "gradient_checkpointing", False) and kwargs.get("use_reentrant") and self.aux_loss_coef:
             raise ValueError(
                 "Reentrant activation checkpointing runs the forward under no_grad, so the balance loss would never "
-                "reach the routers. Use gradient_checkpointing_kwargs={'use_reentrant': False} (the default), or "
+                f"reach the routers. Use {CHECKPOINTING_FLAG}_kwargs={{'use_reentrant': False}} (the default), or "
                 "aux_loss_coef=0 to train without the balance loss."
             )
 
@@ -134,12 +144,21 @@ class GoatTrainerMixin(GoatHubMixin):
     # ---- metrics (collected per step, merged into the logs) ----
 
     def _collect_metrics(self, task_loss: torch.Tensor, aux: torch.Tensor, records: list) -> None:
+        """Per step: the task loss, the balance loss per layer over k (1.0 = balanced) and the expert loads."""
         self._goat_metrics["task_loss"].append(task_loss.float())
-        self._goat_metrics["aux_loss"].append(aux.float())
+        top_k = self._goat_layers[0].top_k if self._goat_layers else 1
+        self._goat_metrics["aux_loss"].append(aux.float() / (top_k * max(len(records), 1)))  # mean over layers
         if records and len(records) == len(self._goat_layers):
+            self._goat_metrics["layer_aux"].append(torch.stack([r.balance_loss.detach() for r in records]) / top_k)
             self._goat_metrics["loads"].append(torch.stack([record.expert_load for record in records]))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Merge the GOAT metrics of the steps since the last log into a training log line (TRL's way).
+
+        `aux_loss` is each layer's balance loss E·Σ f·P divided by k, averaged over the layers: 1.0 is balanced
+        routing, whatever the number of layers. The loss term is aux_loss_coef · Σ_layers E·Σ f·P, that is
+        aux_loss_coef · k · (number of layers) · aux_loss. Per-layer values go to the trackers (routing_trackers).
+        """
         if "loss" in logs and self._goat_metrics:
             metrics = {key: torch.stack(values).mean(0) for key, values in self._goat_metrics.items()}
             metrics = {key: self.accelerator.reduce(value, reduction="mean") for key, value in metrics.items()}
@@ -148,6 +167,7 @@ class GoatTrainerMixin(GoatHubMixin):
             if "loads" in metrics:
                 names = list(goat_layers(self.accelerator.unwrap_model(self.model)))
                 self.routing_loads = dict(zip(names, metrics["loads"].tolist(), strict=True))
+                self.routing_aux = dict(zip(names, metrics["layer_aux"].tolist(), strict=True))
                 logs.update({f"router_{k}": round(v, 4) for k, v in load_summary(metrics["loads"]).items()})
             self._goat_metrics.clear()
         super().log(logs, start_time)

@@ -103,6 +103,16 @@ def classifier_factory():
     return tiny_classifier
 
 
+@pytest.fixture
+def make_model():
+    """make(kind): a tiny "causal-lm" Llama, or a "bert-cls" / "roberta-cls" sequence classifier."""
+
+    def make(kind: str = "causal-lm"):
+        return tiny_llama() if kind == "causal-lm" else tiny_classifier(kind.removesuffix("-cls"))
+
+    return make
+
+
 def reference_goat_forward(
     layer: GoatLinear, x: torch.Tensor, expert_inputs: list[torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

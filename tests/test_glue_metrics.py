@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from transformers import EvalPrediction
 
-from goat_hf.glue_metrics import GlueMetric, glue_metric, make_compute_metrics
+from goat_hf.tasks.glue_metrics import GlueMetric, glue_metric, make_compute_metrics
 
 # TP at 0, 2; FP at 1, 5; FN at 3; TN at 4.
 PRED = [1, 1, 1, 0, 0, 1]

@@ -11,9 +11,9 @@ from transformers import HfArgumentParser, TrainingArguments
 from trl import SFTConfig
 
 from goat_hf import GoatConfig, GoatTrainingArguments, load_goat_adapter
-from goat_hf.generation import generate_responses
-from goat_hf.instruction_data import prompt_completion_dataset, record_prompt
 from goat_hf.sft_trainer import GoatSFTConfig, GoatSFTTrainer
+from goat_hf.tasks.generation import generate_responses
+from goat_hf.tasks.instruction_data import prompt_completion_dataset, record_prompt
 
 one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
