@@ -145,14 +145,20 @@ def planned_runs(
 
 
 def follow_up_runs(
-    task: Task, methods: list[Method], seeds: list[int], sweep_seeds: list[int], runs: list[dict], quick: bool
+    task: Task,
+    methods: list[Method],
+    seeds: list[int],
+    sweep_seeds: list[int],
+    runs: list[dict],
+    lrs: list[float] | None,
+    quick: bool,
 ) -> list[tuple[Method, float, int]]:
     """Runs that depend on a chosen lr: the remaining seeds, and methods that borrow full fine-tuning's lr."""
     done = {(r["method"], r["lr"], r["seed"]) for r in runs}
     plan = []
     for method in methods:
         source = METHODS[method.lr_from] if method.lr_from else method
-        lr = chosen_lr(runs, source.name, task.metric, sweep_seeds, lr_grid(task, source, quick))
+        lr = chosen_lr(runs, source.name, task.metric, sweep_seeds, tuple(lrs or lr_grid(task, source, quick)))
         if lr is None:
             continue
         runner = METHODS[method.runs_as] if method.runs_as else method
@@ -276,7 +282,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     while not args.report:
         runs = read_runs(results_path)
         plan = planned_runs(task, methods, sweep_seeds, runs, lrs, args.quick) or follow_up_runs(
-            task, methods, args.seeds, sweep_seeds, runs, args.quick
+            task, methods, args.seeds, sweep_seeds, runs, lrs, args.quick
         )
         if not plan:
             break
