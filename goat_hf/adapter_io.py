@@ -59,7 +59,7 @@ def save_goat_adapter(model: nn.Module, save_directory: str | os.PathLike) -> Pa
     meta = {
         **adapter_metadata(model),
         "save_id": save_id,
-        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        "weights_sha256": weights_digest(weights),
         "base_tensors": fingerprint_record(base_tensors(model)),
     }
     folder = Path(save_directory)
@@ -235,12 +235,17 @@ def read_adapter_weights(folder: Path, meta: dict[str, Any]) -> dict[str, torch.
             f"The adapter in {folder} is incomplete: {WEIGHTS_NAME} comes from another save (save id {save_id}) than "
             f"{CONFIG_NAME} (save id {meta['save_id']}), as when a save is interrupted between its two files. {AGAIN}"
         )
-    if hashlib.sha256(data).hexdigest() != meta["weights_sha256"]:
+    if weights_digest(data) != meta["weights_sha256"]:
         raise GoatAdapterError(
             f"{path} is corrupt: its SHA-256 differs from the one {CONFIG_NAME} records for it. {AGAIN}"
         )
     _check_tensors(tensors, str(path), AGAIN)
     return tensors
+
+
+def weights_digest(data: bytes) -> str:
+    """The SHA-256 goat_config.json records for its weights file."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
