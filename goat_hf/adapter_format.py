@@ -33,11 +33,22 @@ BOOL = ((bool,), "true or false")
 OPTIONAL_LIST = ((list, type(None)), "a list or null")
 
 TOP_FIELDS = {
-    "format_version": INT, "goat_hf_version": TEXT, "save_id": TEXT, "weights_sha256": TEXT, "base_model": OBJECT,
-    "config": OBJECT, "modules_to_save": LIST, "layers": OBJECT, "base_tensors": OBJECT,
+    "format_version": INT,
+    "goat_hf_version": TEXT,
+    "save_id": TEXT,
+    "weights_sha256": TEXT,
+    "base_model": OBJECT,
+    "config": OBJECT,
+    "modules_to_save": LIST,
+    "layers": OBJECT,
+    "base_tensors": OBJECT,
 }
-BASE_MODEL_FIELDS = {"name_or_path": OPTIONAL_TEXT, "revision": OPTIONAL_TEXT, "architecture": TEXT,
-                     "model_type": OPTIONAL_TEXT}
+BASE_MODEL_FIELDS = {
+    "name_or_path": OPTIONAL_TEXT,
+    "revision": OPTIONAL_TEXT,
+    "architecture": TEXT,
+    "model_type": OPTIONAL_TEXT,
+}
 LAYER_FIELDS = {"in_features": INT, "out_features": INT, "scaling": NUMBER, "residual": BOOL}
 BASE_TENSOR_FIELDS = {"shape": LIST, "dtype": TEXT, "fingerprint": OPTIONAL_LIST}
 AGAIN = "Save or download the adapter again."
@@ -60,8 +71,10 @@ def check_adapter_config(meta: Any, path: str) -> GoatConfig:
         raise GoatAdapterError(f"{path}: field 'modules_to_save' must be a list of module names. {AGAIN}")
     missing = sorted({f.name for f in dataclasses.fields(GoatConfig)} - set(meta["config"]))
     if missing:
-        raise GoatAdapterError(f"{path} is incomplete: field 'config' lacks {missing}; nothing is filled in "
-                               f"with defaults, as they may differ from the training run's. {AGAIN}")
+        raise GoatAdapterError(
+            f"{path} is incomplete: field 'config' lacks {missing}; nothing is filled in "
+            f"with defaults, as they may differ from the training run's. {AGAIN}"
+        )
     try:
         return GoatConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as error:
@@ -73,9 +86,7 @@ def _check_version(meta: dict[str, Any], path: str) -> None:
         raise GoatAdapterError(f"{path} is corrupt: field 'format_version' is missing. {AGAIN}")
     version = meta["format_version"]
     if isinstance(version, bool) or not isinstance(version, int):
-        raise GoatAdapterError(
-            f"{path} is corrupt: field 'format_version' is {version!r}, not an integer. {AGAIN}"
-        )
+        raise GoatAdapterError(f"{path} is corrupt: field 'format_version' is {version!r}, not an integer. {AGAIN}")
     if version > FORMAT_VERSION:
         raise GoatAdapterError(
             f"{path} has adapter format version {version}, newer than this goat_hf {__version__} reads "

@@ -123,7 +123,8 @@ def load_goat_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
         for name, info in meta["layers"].items()
         for tensor in LAYER_TENSORS + (RESIDUAL_TENSORS if info["residual"] else ())
     }
-    expected |= {f"{head}.{key}": value.shape for head, module in heads.items() for key, value in module.state_dict().items()}
+    for head, module in heads.items():
+        expected |= {f"{head}.{key}": value.shape for key, value in module.state_dict().items()}
     _check_tensor_names(tensors, expected, folder)
     _check_base_tensors(meta, base_tensors(model, meta["modules_to_save"]), folder)
     layers = {}
@@ -257,7 +258,9 @@ def _check_tensors(tensors: dict[str, torch.Tensor], where: str, then: str) -> N
     """Adapter tensors are floating point and finite."""
     for key, value in tensors.items():
         if not value.is_floating_point():
-            raise GoatAdapterError(f"{where}: tensor {key!r} is {value.dtype}; adapter tensors are floating point. {then}")
+            raise GoatAdapterError(
+                f"{where}: tensor {key!r} is {value.dtype}; adapter tensors are floating point. {then}"
+            )
         if not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())
             raise GoatAdapterError(f"{where}: tensor {key!r} has {bad} NaN or infinite entries. {then}")
@@ -302,8 +305,10 @@ def _check_base_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor], 
     if found["unchecked"]:
         logger.warning(
             "%d base tensor(s) of this model hold no data here (meta device, offloaded?), e.g. %r: they cannot be "
-            "compared with the base the adapter in %s was trained on.", len(found["unchecked"]),
-            found["unchecked"][0], folder,
+            "compared with the base the adapter in %s was trained on.",
+            len(found["unchecked"]),
+            found["unchecked"][0],
+            folder,
         )
 
 
@@ -333,8 +338,13 @@ def _head(modules: dict[str, nn.Module], name: str, base_model: dict[str, Any]) 
 
 def _layer_tensor_shape(info: dict[str, Any], config: GoatConfig, tensor_name: str) -> torch.Size:
     n, m, r = info["in_features"], info["out_features"], config.r
-    shapes = {"expert_A": (r, n), "expert_B": (m, r), "router.weight": (config.num_experts, n),
-              "residual_A": (r, n), "residual_B": (m, r)}
+    shapes = {
+        "expert_A": (r, n),
+        "expert_B": (m, r),
+        "router.weight": (config.num_experts, n),
+        "residual_A": (r, n),
+        "residual_B": (m, r),
+    }
     return torch.Size(shapes[tensor_name])
 
 

@@ -95,6 +95,9 @@ class GoatConfig:
             raise ValueError(f"svd_dtype={self.svd_dtype!r} is unknown; choose 'float32' or 'float64'.")
         if self.aux_loss_coef < 0:
             raise ValueError(f"aux_loss_coef={self.aux_loss_coef} must be >= 0 (0 switches the balance loss off).")
+        self._normalise()
+
+    def _normalise(self) -> None:
         if self.init_cof is None:
             self.init_cof = 1.0 / self.num_experts
         if isinstance(self.target_modules, (list, tuple)):

@@ -42,8 +42,13 @@ def fingerprint_record(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, 
 
 def differing_tensors(saved: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor]) -> dict[str, list[str]]:
     """Names that differ between the recorded base and `tensors`, by kind: missing, extra, shape, values, unchecked."""
-    found: dict[str, list[str]] = {"missing": [], "extra": sorted(set(tensors) - set(saved)), "shape": [],
-                                   "values": [], "unchecked": []}
+    found: dict[str, list[str]] = {
+        "missing": [],
+        "extra": sorted(set(tensors) - set(saved)),
+        "shape": [],
+        "values": [],
+        "unchecked": [],
+    }
     for name, record in saved.items():
         tensor = tensors.get(name)
         if tensor is None:

@@ -63,7 +63,10 @@ class NonFiniteGuard(TrainerCallback):
         self.skipped_steps += 1
         logger.warning(
             "Skipped training step %d (%d skipped so far): %s. The adapters keep the weights of step %d.",
-            step, self.skipped_steps, what, step - 1,
+            step,
+            self.skipped_steps,
+            what,
+            step - 1,
         )
         if check_grads:  # under a GradScaler the scaler itself skips a step with non-finite gradients
             for _, param in named:

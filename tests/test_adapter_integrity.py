@@ -234,14 +234,17 @@ def test_a_full_disk_says_so_and_keeps_the_old_adapter(saved, monkeypatch):
 def test_each_file_is_fsynced_before_its_rename(tmp_path, monkeypatch):
     events = []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-                        or real_fsync(fd))
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd)
+    )
     monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a))) or real_replace(a, b))
     folder = tmp_path / "adapter"
     save_goat_adapter(trained(tiny_llama(seed=0)), folder)
     replaced = [path for kind, path in events if kind == "replace"]
-    assert [os.path.basename(p).split(".")[1:3] for p in replaced] == [["goat_adapter", "safetensors"],
-                                                                         ["goat_config", "json"]]
+    assert [os.path.basename(p).split(".")[1:3] for p in replaced] == [
+        ["goat_adapter", "safetensors"],
+        ["goat_config", "json"],
+    ]
     for path in replaced:
         assert events.index(("fsync", path)) < events.index(("replace", path))  # data on disk before the rename
         assert events[events.index(("replace", path)) + 1] == ("fsync", str(folder))  # then the folder entry

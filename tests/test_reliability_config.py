@@ -42,8 +42,21 @@ def test_non_finite_fixed_scaling_is_refused(value):
         ({"eta": "0.1"}, TypeError, r"eta='0\.1' must be a number, e\.g\. eta=1\.0\."),
         ({"seed": None}, TypeError, r"seed=None must be an int"),
     ],
-    ids=["r-float", "top-k-float", "r-string", "experts-bool", "targets-none", "targets-int", "targets-empty",
-         "targets-bad-regex", "alpha-negative", "rslora-zero", "heads-int", "eta-string", "seed-none"],
+    ids=[
+        "r-float",
+        "top-k-float",
+        "r-string",
+        "experts-bool",
+        "targets-none",
+        "targets-int",
+        "targets-empty",
+        "targets-bad-regex",
+        "alpha-negative",
+        "rslora-zero",
+        "heads-int",
+        "eta-string",
+        "seed-none",
+    ],
 )
 def test_wrong_types_are_refused_naming_the_field_and_the_fix(kwargs, error, message):
     with pytest.raises(error, match=message):
