@@ -31,7 +31,11 @@ def regression_data(poison: float | None = None, row: int = 2) -> Dataset:
 def trainer_for(tmp_path, dataset: Dataset, max_steps: int = 3, **overrides) -> GoatTrainer:
     model = tiny_classifier("bert", num_labels=1, seed=0)  # regression: an MSE loss that a NaN label poisons
     args = cpu_args(
-        tmp_path, GoatTrainingArguments, max_steps=max_steps, learning_rate=1e-2, train_sampling_strategy="sequential",
+        tmp_path,
+        GoatTrainingArguments,
+        max_steps=max_steps,
+        learning_rate=1e-2,
+        train_sampling_strategy="sequential",
         **overrides,
     )
     return GoatTrainer(model=model, args=args, train_dataset=dataset, goat_config=SMALL)
@@ -83,8 +87,9 @@ def test_skip_mode_skips_the_step_with_a_warning_and_trains_on(tmp_path, caplog)
 
 def test_accumulated_micro_batches_are_checked_together(tmp_path):
     """With accumulation, one poisoned micro-batch of the two stops the whole optimizer step."""
-    trainer = trainer_for(tmp_path, regression_data(float("nan"), row=3), per_device_train_batch_size=1,
-                          gradient_accumulation_steps=2)
+    trainer = trainer_for(
+        tmp_path, regression_data(float("nan"), row=3), per_device_train_batch_size=1, gradient_accumulation_steps=2
+    )
     with pytest.raises(FloatingPointError, match=r"^Training step 2: the loss of 1 of its 2 batch\(es\) is nan"):
         trainer.train()
     assert all_finite(adapter_copy(trainer.model))
