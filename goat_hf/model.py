@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import re
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ class GoatState:
     modules_to_save: list[str]
     trainable_before: frozenset[str]
     mask_hook: torch.utils.hooks.RemovableHandle
+    base_heads: dict[str, dict[str, torch.Tensor]]  # the base's own modules_to_save tensors, for disable_goat
 
 
 def get_goat_model(model: nn.Module, config: GoatConfig | None = None) -> nn.Module:
@@ -69,24 +71,57 @@ def attach_goat_layers(
         parent_name, _, child = name.rpartition(".")
         layer.train(layer.base_layer.training)  # a new module is in train mode: in an eval model, dropout would run
         setattr(model.get_submodule(parent_name), child, layer)
+    base_heads = {}
     for name in modules_to_save:
-        model.get_submodule(name).requires_grad_(True)
-    goat = list(layers.values())
-    hook = model.register_forward_pre_hook(_token_mask_hook(goat), with_kwargs=True)
-    model.goat_state = GoatState(config, list(modules_to_save), trainable_before, hook)
+        head = model.get_submodule(name)
+        head.requires_grad_(True)
+        base_heads[name] = {key: value.detach().clone() for key, value in head.state_dict().items()}
+    hook = model.register_forward_pre_hook(_token_mask_hook(model, list(layers.values())), with_kwargs=True)
+    model.goat_state = GoatState(config, list(modules_to_save), trainable_before, hook, base_heads)
 
 
-def _token_mask_hook(layers: list[GoatLinear]):
-    """Hands the batch's 2-D attention mask to every layer so that the balance loss skips padding."""
+MASK_ARGUMENTS = ("attention_mask", "decoder_attention_mask")
+
+
+def _token_mask_hook(model: nn.Module, layers: list[GoatLinear]):
+    """Hands the batch's 2-D padding mask to the layers so that the balance loss skips padding.
+
+    The mask is read by keyword or by position. In an encoder-decoder, the encoder's layers get
+    `attention_mask` and the decoder's `decoder_attention_mask` (None: every target token counts), whatever
+    the two lengths; each layer then applies it only to an input of the mask's shape (see GoatLinear).
+    """
+    positions = _argument_positions(model.forward, MASK_ARGUMENTS)
+    encoder = model.get_encoder() if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else None
+    in_encoder = {id(module) for module in encoder.modules()} if encoder is not None and encoder is not model else None
+    groups = {"attention_mask": layers}
+    if in_encoder is not None:
+        groups = {
+            "attention_mask": [layer for layer in layers if id(layer) in in_encoder],
+            "decoder_attention_mask": [layer for layer in layers if id(layer) not in in_encoder],
+        }
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        mask = kwargs.get("attention_mask")
-        # converted once here rather than in each of the layers
-        mask = mask.to(torch.float32) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        for layer in layers:
-            layer.token_mask = mask
+        for name, group in groups.items():
+            mask = kwargs.get(name)
+            if mask is None and name in positions and positions[name] < len(args):
+                mask = args[positions[name]]
+            # converted once here rather than in each of the layers
+            mask = mask.to(torch.float32) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            for layer in group:
+                layer.token_mask = mask
 
     return hook
+
+
+def _argument_positions(forward, names: tuple[str, ...]) -> dict[str, int]:
+    """Positions of `names` among the leading positional parameters of `forward` (for `model(ids, mask)`)."""
+    positions = {}
+    for index, parameter in enumerate(inspect.signature(forward).parameters.values()):
+        if parameter.kind not in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            break
+        if parameter.name in names:
+            positions[parameter.name] = index
+    return positions
 
 
 def goat_layers(model: nn.Module) -> dict[str, GoatLinear]:
@@ -156,16 +191,31 @@ def find_target_linears(model: nn.Module, config: GoatConfig, heads: list[str]) 
 
 @contextlib.contextmanager
 def disable_goat(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model inside this block: every GOAT layer returns W0 x exactly."""
+    """Run the base model inside this block, as PEFT's `disable_adapter()`: every GOAT layer returns W0 x
+    exactly and every `modules_to_save` (the trained task head) holds the base's own weights again."""
     layers = goat_layers(model).values()
     previous = [layer.adapter_enabled for layer in layers]
     for layer in layers:
         layer.adapter_enabled = False
+    swapped = _swap_heads(model)
     try:
         yield model
     finally:
+        for tensor, trained in swapped:
+            tensor.data = trained
         for layer, enabled in zip(layers, previous, strict=True):
             layer.adapter_enabled = enabled
+
+
+def _swap_heads(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Point each head tensor at the base's copy (on its device and dtype); returns (tensor, trained data)."""
+    state = getattr(model, "goat_state", None)
+    swapped = []
+    for name, base in (state.base_heads if state is not None else {}).items():
+        for key, tensor in model.get_submodule(name).state_dict(keep_vars=True).items():
+            swapped.append((tensor, tensor.data))
+            tensor.data = base[key].to(device=tensor.device, dtype=tensor.dtype)
+    return swapped
 
 
 def unload_goat(model: nn.Module) -> nn.Module:

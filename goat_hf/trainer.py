@@ -15,11 +15,13 @@ from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 from transformers.trainer import is_optimizer_factory
 
 from .adapter_io import restore_goat_weights, save_goat_adapter
+from .checkpoints import checkpoint_problem, last_complete_checkpoint
 from .config import GoatConfig
 from .model import get_goat_model, goat_layers, parameter_kind
 from .model_card import write_model_card
 from .routing_health import load_summary
 from .routing_trackers import RoutingTrackerCallback
+from .step_guard import NonFiniteGuard
 from .trainer_hub import GoatHubMixin
 from .training_args import GoatTrainingArguments
 
@@ -64,6 +66,8 @@ class GoatTrainerMixin(GoatHubMixin):
         self.routing_loads: dict[str, list[float]] = {}  # last logged per-layer expert load shares
         self.routing_aux: dict[str, float] = {}  # last logged per-layer balance loss / k (1.0 = balanced)
         self.add_callback(RoutingTrackerCallback(self))  # routing heatmap and per-layer loads in the trackers
+        self.nonfinite_guard = NonFiniteGuard(self, getattr(self.args, "on_nonfinite", "stop"))
+        self.add_callback(self.nonfinite_guard)
 
     # ---- set-up ----
 
@@ -97,6 +101,12 @@ class GoatTrainerMixin(GoatHubMixin):
             )
 
     # ---- loss ----
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.nonfinite_guard.record_loss(loss)  # checked with the gradients before the optimizer step
+        return loss
 
     def _loss_uses_num_items_in_batch(self, model: nn.Module) -> bool:
         """Whether the task loss really divides by `num_items_in_batch` (then it is already scaled for GA).
@@ -224,12 +234,28 @@ class GoatTrainerMixin(GoatHubMixin):
             return
         model = self.accelerator.unwrap_model(self.model)
         save_goat_adapter(model, output_dir)
-        write_model_card(model, output_dir, trainer=self)
+        try:  # the card only decorates the checkpoint: it must never end a run
+            write_model_card(model, output_dir, trainer=self)
+        except Exception as error:  # noqa: BLE001 - any failure of a decoration is logged, not raised
+            logger.warning("No model card in %s (%s: %s); the adapter and the rest are saved.", output_dir,
+                           type(error).__name__, error)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """Trainer.train; `resume_from_checkpoint=True` resumes from the last *complete* checkpoint."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        problem = checkpoint_problem(resume_from_checkpoint)
+        if problem is not None:
+            raise ValueError(
+                f"Cannot resume from {resume_from_checkpoint}: {problem}. Name a complete checkpoint, or pass "
+                "resume_from_checkpoint=True to take the last complete one."
+            )
         restore_goat_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
