@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
+from .base_weights import fingerprint_weight
 from .config import GoatConfig
 from .layer import GoatLinear
 from .model import attach_goat_layers, goat_layers, require_goat_state, require_no_goat
@@ -56,7 +57,7 @@ def adapter_metadata(model: nn.Module) -> dict[str, Any]:
             "scaling": layer.scaling,
             "residual": layer.residual_A is not None,
             "base_dtype": str(layer.base_layer.weight.dtype).removeprefix("torch."),
-            "base_fingerprint": weight_fingerprint(layer.base_layer.weight),
+            "base_fingerprint": weight_fingerprint(fingerprint_weight(layer.base_layer)),
         }
     base_config = getattr(model, "config", None)
     return {
@@ -171,13 +172,14 @@ def _check_base_layer(name: str, base: nn.Module | None, info: dict[str, Any], b
     if not isinstance(base, nn.Linear):
         raise GoatAdapterError(f"Adapter layer {name!r} is not an nn.Linear of this model; {made_for}.")
     expected = (info["out_features"], info["in_features"])
-    if tuple(base.weight.shape) != expected:
+    if (base.out_features, base.in_features) != expected:  # not weight.shape: a 4-bit weight is packed
         raise GoatAdapterError(
-            f"Layer {name!r} has shape {tuple(base.weight.shape)} here but {expected} in the adapter; {made_for}."
+            f"Layer {name!r} has shape {(base.out_features, base.in_features)} here but {expected} in the adapter; "
+            f"{made_for}."
         )
     same_dtype = str(base.weight.dtype).removeprefix("torch.") == info["base_dtype"]
     tolerance = 1e-4 if same_dtype else 3e-2  # a bf16 copy of the same base moves the sums by ~0.4 %
-    here = torch.tensor(weight_fingerprint(base.weight), dtype=torch.float64)
+    here = torch.tensor(weight_fingerprint(fingerprint_weight(base)), dtype=torch.float64)
     saved = torch.tensor(info["base_fingerprint"], dtype=torch.float64)
     # The signed sums can be near 0, where a bf16 copy's rounding is large relative to them: bound it by the
     # largest entry (the sum of |W0 p|) instead.
