@@ -72,10 +72,12 @@ def check_base_layer(name: str, module: nn.Module) -> None:
         return
     if module.weight.device.type == "meta":
         raise ValueError(
-            f"Layer {name!r} has its weight on the meta device (a model built under init_empty_weights(), or "
-            "with layers offloaded by a device_map), so there is no W0 to take the SVD of. Materialise the "
-            "weights first with model.to_empty(device='cpu') and model.load_state_dict(...) (or accelerate's "
-            "load_checkpoint_and_dispatch, or from_pretrained(..., device_map='cpu')), then call get_goat_model."
+            f"Layer {name!r} has its weight on the meta device (a model built under init_empty_weights() or "
+            "on torch.device('meta'), or a layer a device_map offloaded to 'disk' or CPU), so there is no W0 to "
+            "take the SVD of. Materialise the weights first with model.to_empty(device='cpu') and "
+            "model.load_state_dict(...) (or accelerate's load_checkpoint_and_dispatch), or load with a "
+            "device_map that keeps every layer on a device (e.g. device_map='cpu', or a 4-bit base to fit), "
+            "then call get_goat_model."
         )
     if not (is_linear4bit(module) or is_linear8bit(module)) and not _plain_float(module.weight):
         raise ValueError(f"Layer {name!r} ({kind}) has a {module.weight.dtype} weight; supported: {SUPPORTED}.")
