@@ -49,7 +49,9 @@ def get_goat_model(model: nn.Module, config: GoatConfig | None = None) -> nn.Mod
     if too_small:
         logger.warning(
             "GOAT skips %d layer(s) with min(in, out) < r=%d, as the reference does: %s",
-            len(too_small), config.r, ", ".join(too_small),
+            len(too_small),
+            config.r,
+            ", ".join(too_small),
         )
     generator = torch.Generator().manual_seed(config.seed)
     layers = {
@@ -72,7 +74,9 @@ def attach_goat_layers(
             "%d Linear4bit layer(s) had been repacked by bitsandbytes for its CPU inference kernel (an eval-mode "
             "forward without gradients, e.g. generate(), ran before injection). A repacked layer passes no gradient "
             "to its input, so GOAT put them back in the standard 4-bit layout, with the same values (bf16 block "
-            "scales, as the repacking rounded them): %s", len(repacked), ", ".join(repacked),
+            "scales, as the repacking rounded them): %s",
+            len(repacked),
+            ", ".join(repacked),
         )
     base_settings = {name: hold_standard_layout(layer.base_layer) for name, layer in layers.items()}
     model.requires_grad_(False)
@@ -185,6 +189,14 @@ def trainer_accepts_quantized_base(model: nn.Module) -> Iterator[None]:
             model._hf_peft_config_loaded = previous
 
 
+def keep_goat_in_fp32(model: nn.Module) -> None:
+    """Cast the experts and routers back to fp32 (DESIGN §2), e.g. after TRL cast a quantized model's trainable
+    parameters to bf16, as QLoRA does for LoRA."""
+    for layer in goat_layers(model).values():
+        for param in (layer.expert_A, layer.expert_B, layer.router.weight):
+            param.data = param.data.to(torch.float32)
+
+
 @contextlib.contextmanager
 def disable_goat(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model inside this block: every GOAT layer returns W0 x exactly."""
@@ -229,7 +241,7 @@ def trainable_parameter_counts(model: nn.Module) -> dict[str, int]:
 
 
 def parameter_kind(name: str) -> str:
-    """"experts", "router" or "head" (a module trained in full) for a trainable parameter's name."""
+    """ "experts", "router" or "head" (a module trained in full) for a trainable parameter's name."""
     if name.endswith((".expert_A", ".expert_B")):
         return "experts"
     return "router" if ".router." in name else "head"

@@ -6,11 +6,15 @@ layers) and injection, training, save/load and unload over a quantized base.
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_llama, token_batch
+from safetensors.torch import load_file
 from torch import nn
 
 from goat_hf import (
@@ -281,9 +285,10 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 32) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32))
-        self.register_buffer("qzeros", torch.zeros(in_features // group_size, out_features * bits // 32, dtype=torch.int32))
-        self.register_buffer("scales", torch.ones(in_features // group_size, out_features, dtype=torch.float16))
+        groups, packed = in_features // group_size, 32 // bits  # int32 words hold `packed` 4-bit values
+        self.register_buffer("qweight", torch.zeros(in_features // packed, out_features, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(groups, out_features // packed, dtype=torch.int32))
+        self.register_buffer("scales", torch.ones(groups, out_features, dtype=torch.float16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.new_zeros(*x.shape[:-1], self.out_features)
@@ -323,3 +328,42 @@ def test_a_linear_with_a_non_float_weight_is_refused():
     with pytest.raises(ValueError, match=r"Layer 'model\.layers\.0\.mlp\.up_proj' is a quantized torch\.nn.*Linear"):
         get_goat_model(model, CONFIG)
     assert unchanged(model, state, trainable)
+
+
+# ---- the examples' --load_in_4bit ----
+
+
+def test_sft_example_with_load_in_4bit(tmp_path):
+    """--load_in_4bit trains GOAT over an NF4 base; the evaluation before training repacks it on CPU first."""
+    from instruct_fixtures import save_tiny_instruct_model
+    from test_sft_examples import QUICK, load_example
+
+    model_folder = save_tiny_instruct_model(tmp_path / "tiny")
+    out = tmp_path / "out"
+    load_example("sft_nlg").main(
+        ["--model_name_or_path", str(model_folder), "--output_dir", str(out), "--num_generated_train", "8",
+         "--num_generated_eval", "4", "--load_in_4bit", "true", *QUICK]
+    )  # fmt: skip
+    adapter = json.loads((out / "goat_config.json").read_text())
+    assert {info["base_dtype"] for info in adapter["layers"].values()} == {"uint8"}  # 4-bit packed codes
+    saved = load_file(out / "goat_adapter.safetensors")  # TRL casts a quantized model's trainable weights to bf16
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float32}  # GOAT keeps them fp32
+    fresh = AutoModelForCausalLM.from_pretrained(
+        model_folder, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32), device_map="cpu",
+    )  # fmt: skip
+    load_goat_adapter(fresh, out)  # the fingerprints match a freshly quantized base
+    assert all(isinstance(layer.base_layer, bnb.nn.Linear4bit) for layer in goat_layers(fresh).values())
+
+
+def test_load_in_4bit_and_a_quantization_config_conflict():
+    from test_sft_examples import load_example
+
+    sys.path.insert(0, str(Path(load_example("sft_nlg").__file__).parent))
+    from sft_common import four_bit_options
+
+    options = four_bit_options({"dtype": "float16"}, bf16=False)
+    assert options["dtype"] == "float16" and options["device_map"] == {"": "cpu"}
+    assert options["quantization_config"].bnb_4bit_use_double_quant
+    with pytest.raises(ValueError, match="--load_in_4bit and a quantization_config in --model_init_kwargs"):
+        four_bit_options({"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}, bf16=False)
