@@ -39,7 +39,9 @@ class GoatLinear(nn.Module):
     Adapters and router are fp32 whatever the base dtype.
     """
 
-    def __init__(self, base_layer: nn.Linear, config: GoatConfig, scaling: float, with_residual: bool) -> None:
+    def __init__(
+        self, base_layer: nn.Linear, config: GoatConfig, scaling: float, with_residual: bool
+    ) -> None:
         super().__init__()
         n, m, device = base_layer.in_features, base_layer.out_features, base_layer.weight.device
         self.base_layer = base_layer

@@ -26,17 +26,8 @@ PIPELINES = {
     "ForTokenClassification": "token-classification",
 }
 HYPERPARAMETERS = (
-    "learning_rate",
-    "router_learning_rate",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "num_train_epochs",
-    "max_steps",
-    "lr_scheduler_type",
-    "warmup_steps",
-    "weight_decay",
-    "optim",
-    "seed",
+    "learning_rate", "router_learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "seed",
 )
 
 
@@ -61,17 +52,8 @@ def write_model_card(
     loads = getattr(trainer, "routing_loads", None)
     missing = "no GoatTrainer logged them for this card (it records them at each logging step)"
     return _write_card(
-        adapter_metadata(model),
-        Path(folder),
-        trainer,
-        loads,
-        missing,
-        dataset_name=dataset_name,
-        metrics=metrics,
-        license=license,
-        base_model=base_model,
-        tags=tags,
-        model_name=model_name,
+        adapter_metadata(model), Path(folder), trainer, loads, missing, dataset_name=dataset_name, metrics=metrics,
+        license=license, base_model=base_model, tags=tags, model_name=model_name,
     )
 
 
@@ -92,16 +74,8 @@ def write_model_card_for_folder(
     folder = Path(folder)
     missing = f"this card was written from {CONFIG_NAME}, which does not record them"
     return _write_card(
-        read_adapter_config(folder),
-        folder,
-        None,
-        None,
-        missing,
-        dataset_name=dataset_name,
-        metrics=metrics,
-        license=license,
-        base_model=base_model,
-        tags=tags,
+        read_adapter_config(folder), folder, None, None, missing, dataset_name=dataset_name, metrics=metrics,
+        license=license, base_model=base_model, tags=tags,
     )
 
 
@@ -200,13 +174,8 @@ def _metric_type(key: str) -> str:
 
 def _eval_results(metrics: dict[str, float], dataset: str | None, pipeline_tag: str | None) -> list | None:
     results = [
-        EvalResult(
-            task_type=pipeline_tag or "other",
-            dataset_type=dataset,
-            dataset_name=dataset,
-            metric_type=_metric_type(key),
-            metric_value=value,
-        )
+        EvalResult(task_type=pipeline_tag or "other", dataset_type=dataset, dataset_name=dataset,
+                   metric_type=_metric_type(key), metric_value=value)
         for key, value in metrics.items()
         if key.startswith("eval_") and key != "eval_loss" and isinstance(value, (int, float))
     ]

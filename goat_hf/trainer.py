@@ -39,14 +39,8 @@ class GoatTrainerMixin(GoatHubMixin):
     - saves and restores the adapter only (plus Trainer's optimizer, scheduler and RNG state).
     """
 
-    def __init__(
-        self,
-        model: nn.Module | None = None,
-        args: Any = None,
-        *rest: Any,
-        goat_config: GoatConfig | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, model: nn.Module | None = None, args: Any = None, *rest: Any,
+                 goat_config: GoatConfig | None = None, **kwargs: Any) -> None:
         if model is None:
             raise ValueError(f"{type(self).__name__} needs `model` (model_init is not supported).")
         config = self._resolve_goat_config(model, args, goat_config)
@@ -80,8 +74,7 @@ class GoatTrainerMixin(GoatHubMixin):
         if goat_config is None and from_args is not None and from_args != state.config:
             logger.warning(
                 "The model already has GOAT layers: training with their GoatConfig (aux_loss_coef=%g); the GOAT "
-                "flags of GoatTrainingArguments are not used.",
-                state.config.aux_loss_coef,
+                "flags of GoatTrainingArguments are not used.", state.config.aux_loss_coef,
             )
         return state.config
 
@@ -109,13 +102,8 @@ class GoatTrainerMixin(GoatHubMixin):
             ForCausalLMLoss
         )
 
-    def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> Any:
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
         for layer in self._goat_layers:
             layer.routing = None  # a layer this forward skips must not hand in last step's graph
         scaled = num_items_in_batch is not None and self._loss_uses_num_items_in_batch(model)
@@ -185,10 +173,8 @@ class GoatTrainerMixin(GoatHubMixin):
         args = self.args
         settings = {
             "experts": (args.learning_rate, args.weight_decay),
-            "router": (
-                getattr(args, "router_learning_rate", None) or args.learning_rate,
-                getattr(args, "router_weight_decay", 0.0),
-            ),
+            "router": (getattr(args, "router_learning_rate", None) or args.learning_rate,
+                       getattr(args, "router_weight_decay", 0.0)),
             "head": (args.learning_rate, args.weight_decay),
             "head_no_decay": (args.learning_rate, 0.0),
         }
@@ -205,13 +191,10 @@ class GoatTrainerMixin(GoatHubMixin):
             for name, (lr, wd) in settings.items()
             if params[name]
         ]
-        logger.info(
-            "GOAT optimizer groups: %s",
-            ", ".join(
-                f"{g['name']}: {sum(p.numel() for p in g['params']):,} params, lr {g['lr']:g}, decay {g['weight_decay']:g}"
-                for g in groups
-            ),
-        )
+        logger.info("GOAT optimizer groups: %s", ", ".join(
+            f"{g['name']}: {sum(p.numel() for p in g['params']):,} params, lr {g['lr']:g}, decay {g['weight_decay']:g}"
+            for g in groups
+        ))
         return groups
 
     # ---- saving and loading: the adapter only ----
@@ -231,9 +214,8 @@ class GoatTrainerMixin(GoatHubMixin):
         restore_goat_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
-        logger.info(
-            "Loading the best adapter from %s (score: %s).", self.state.best_model_checkpoint, self.state.best_metric
-        )
+        logger.info("Loading the best adapter from %s (score: %s).", self.state.best_model_checkpoint,
+                    self.state.best_metric)
         restore_goat_weights(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
 
 

@@ -728,10 +728,8 @@ def test_goat_flags_for_an_already_injected_model_are_reported_not_silently_drop
 
 def test_resuming_with_another_goat_config_is_refused(make_model, tmp_path):
     trainer = GoatTrainer(
-        model=make_model(),
-        args=cpu_args(tmp_path, save_strategy="steps", save_steps=1, max_steps=1),
-        train_dataset=lm_dataset(),
-        goat_config=SMALL,
+        model=make_model(), args=cpu_args(tmp_path, save_strategy="steps", save_steps=1, max_steps=1),
+        train_dataset=lm_dataset(), goat_config=SMALL,
     )
     trainer.train()
     other = GoatConfig(**{**SMALL.to_dict(), "eta": SMALL.eta * 2})
