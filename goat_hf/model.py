@@ -6,7 +6,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ class GoatState:
     modules_to_save: list[str]
     trainable_before: frozenset[str]
     mask_hook: torch.utils.hooks.RemovableHandle
-    base_settings: dict[str, bool | None]  # per layer, what `hold_standard_layout` changed, for unloading
+    base_settings: dict[str, bool | None] = field(default_factory=dict)  # what hold_standard_layout changed
 
 
 def get_goat_model(model: nn.Module, config: GoatConfig | None = None) -> nn.Module:
