@@ -10,8 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedTokenizerBase, set_seed
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    HfArgumentParser,
+    PreTrainedTokenizerBase,
+    set_seed,
+)
 
 from goat_hf import write_model_card
 from goat_hf.sft_trainer import GoatSFTConfig, GoatSFTTrainer
@@ -62,6 +70,13 @@ class ModelAndDataArguments:
     eval_before_training: bool = field(
         default=True, metadata={"help": "Also evaluate the base model before training, for comparison."}
     )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "QLoRA-style: load the base in 4-bit NF4 with double quantisation (bitsandbytes), computing in "
+            "bf16 with --bf16, else fp32. GOAT's SVD init reads the dequantized weights; W0 stays 4-bit."
+        },
+    )
 
 
 def parse_arguments(script_class: type, argv: list[str] | None, **defaults: Any) -> tuple[Any, GoatSFTConfig]:
@@ -82,8 +97,29 @@ def load_model_and_tokenizer(
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     path = script_args.model_name_or_path or str(smollm2_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, **(training_args.model_init_kwargs or {}))
+    load_options = dict(training_args.model_init_kwargs or {})
+    if script_args.load_in_4bit:
+        load_options = four_bit_options(load_options, training_args.bf16)
+    model = AutoModelForCausalLM.from_pretrained(path, **load_options)
     return model, tokenizer
+
+
+def four_bit_options(load_options: dict[str, Any], bf16: bool) -> dict[str, Any]:
+    """`load_options` for a QLoRA base: NF4, double quantisation, by default on this process's device."""
+    if "quantization_config" in load_options:
+        raise ValueError(
+            "--load_in_4bit and a quantization_config in --model_init_kwargs both set the quantisation; keep one."
+        )
+    compute_dtype = torch.bfloat16 if bf16 else torch.float32
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+    # A quantized model cannot be moved after loading: each process loads it onto its own device.
+    defaults = {"device_map": {"": str(PartialState().device)}, "dtype": compute_dtype}
+    return {**defaults, **load_options, "quantization_config": config}
 
 
 def training_records(script_args: ModelAndDataArguments) -> Dataset:

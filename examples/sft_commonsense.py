@@ -22,6 +22,8 @@ defaults. With LLM-Adapters' files (dataset/<task>/test.json):
         --train_data commonsense_170k.json --eval_data_dir dataset \\
         --per_device_train_batch_size 4 --gradient_accumulation_steps 4 --output_dir outputs/goat-commonsense
 
+QLoRA-style, on one GPU: add --load_in_4bit true (NF4, double quantisation; bitsandbytes).
+
 --eval_data boolq=FILE_OR_HUB_ID ... names sets one by one (Hub ids only when you name them). Every GOAT
 flag (--goat_r, --goat_eta, --aux_loss_coef, ...) and every SFTConfig flag is available: see --help.
 """

@@ -24,6 +24,8 @@ that suit the ~50-step offline run: the learning rate (1e-4) and activation chec
         --eval_data openai/gsm8k --eval_data_config main --eval_split test --max_new_tokens 512 \\
         --output_dir outputs/goat-gsm8k
 
+QLoRA-style, on one GPU: add --load_in_4bit true (NF4, double quantisation; bitsandbytes).
+
 Every GOAT flag (--goat_r, --goat_num_experts, --goat_top_k, --goat_init, --goat_eta, --aux_loss_coef, ...)
 and every SFTConfig flag is available: see --help.
 """

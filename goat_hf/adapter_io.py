@@ -34,6 +34,7 @@ from .adapter_format import (
     check_adapter_config,
 )
 from .atomic_files import remove_orphans, write_atomically
+from .base_weights import fingerprint_weight, looks_quantized
 from .config import GoatConfig
 from .fingerprint import differing_tensors, fingerprint_record
 from .layer import GoatLinear
@@ -188,19 +189,23 @@ def base_tensors(model: nn.Module, modules_to_save: list[str] | None = None) -> 
     """
     state = getattr(model, "goat_state", None)
     heads = tuple(f"{head}." for head in (state.modules_to_save if state is not None else modules_to_save or []))
-    renamed, goat_own = {}, set()
+    renamed, goat_own, dense = {}, set(), {}
     for name, layer in goat_layers(model).items():
+        quantized = looks_quantized(layer.base_layer)
+        if quantized:  # packed weights change when bitsandbytes repacks them: compare the dense W0 instead
+            dense[f"{name}.weight"] = fingerprint_weight(layer.base_layer)
         for key in layer.state_dict():
             full = f"{name}.{key}"
-            if key.startswith("base_layer."):
+            if key.startswith("base_layer.") and not (quantized and key.startswith("base_layer.weight")):
                 renamed[full] = f"{name}.{key.removeprefix('base_layer.')}"
             else:
                 goat_own.add(full)
-    return {
+    tensors = {
         renamed.get(key, key): value
         for key, value in model.state_dict().items()
         if key not in goat_own and not key.startswith(heads)
     }
+    return {**tensors, **dense}
 
 
 def read_adapter_config(folder: Path) -> dict[str, Any]:
@@ -320,9 +325,9 @@ def _check_base_layer(name: str, base: nn.Module | None, info: dict[str, Any], b
     if not isinstance(base, nn.Linear):
         raise GoatAdapterError(f"Adapter layer {name!r} is not an nn.Linear of this model; {_made_for(base_model)}.")
     expected = (info["out_features"], info["in_features"])
-    if tuple(base.weight.shape) != expected:
+    if (base.out_features, base.in_features) != expected:  # not weight.shape: a 4-bit weight is packed
         raise GoatAdapterError(
-            f"Layer {name!r} has shape {tuple(base.weight.shape)} here but {expected} in the adapter; "
+            f"Layer {name!r} has shape {(base.out_features, base.in_features)} here but {expected} in the adapter; "
             f"{_made_for(base_model)}."
         )
 

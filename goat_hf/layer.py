@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base_weights import dense_weight
 from .config import GoatConfig
 from .init import scaled_expert_factors
 
@@ -62,8 +63,9 @@ class GoatLinear(nn.Module):
     def from_linear(
         cls, base_layer: nn.Linear, config: GoatConfig, generator: torch.Generator | None = None
     ) -> GoatLinear:
-        """Wrap a pretrained Linear, initialising the experts from its SVD segments (DESIGN §2)."""
-        A, B, scaling = scaled_expert_factors(base_layer.weight, config, generator)
+        """Wrap a pretrained Linear (or a bitsandbytes 4-/8-bit one), initialising the experts from the SVD segments
+        of its dense fp32 weight (DESIGN §2), read for this layer alone so that memory stays bounded."""
+        A, B, scaling = scaled_expert_factors(dense_weight(base_layer), config, generator)
         layer = cls(base_layer, config, scaling, with_residual=config.init != "zero")
         router = torch.empty(config.num_experts, base_layer.in_features)  # drawn on the CPU: same on any device
         nn.init.kaiming_uniform_(router, a=math.sqrt(5), generator=generator)

@@ -7,11 +7,12 @@ import inspect
 import logging
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .base_weights import check_base_layer, hold_standard_layout, looks_quantized, release_standard_layout, was_repacked
 from .config import GoatConfig
 from .layer import GoatLinear
 
@@ -29,6 +30,7 @@ class GoatState:
     trainable_before: frozenset[str]
     mask_hook: torch.utils.hooks.RemovableHandle
     base_heads: dict[str, dict[str, torch.Tensor]]  # the base's own modules_to_save tensors, for disable_goat
+    base_settings: dict[str, bool | None] = field(default_factory=dict)  # what hold_standard_layout changed
 
 
 def get_goat_model(model: nn.Module, config: GoatConfig | None = None) -> nn.Module:
@@ -66,6 +68,17 @@ def attach_goat_layers(
 ) -> None:
     """Swap `layers` in by name, freeze everything else but `modules_to_save`, and record the state."""
     trainable_before = frozenset(name for name, p in model.named_parameters() if p.requires_grad)
+    repacked = [name for name, layer in layers.items() if was_repacked(layer.base_layer)]
+    if repacked:
+        logger.warning(
+            "%d Linear4bit layer(s) had been repacked by bitsandbytes for its CPU inference kernel (an eval-mode "
+            "forward without gradients, e.g. generate(), ran before injection). A repacked layer passes no gradient "
+            "to its input, so GOAT put them back in the standard 4-bit layout, with the same values (bf16 block "
+            "scales, as the repacking rounded them): %s",
+            len(repacked),
+            ", ".join(repacked),
+        )
+    base_settings = {name: hold_standard_layout(layer.base_layer) for name, layer in layers.items()}
     model.requires_grad_(False)
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
@@ -77,7 +90,7 @@ def attach_goat_layers(
         head.requires_grad_(True)
         base_heads[name] = {key: value.detach().clone() for key, value in head.state_dict().items()}
     hook = model.register_forward_pre_hook(_token_mask_hook(model, list(layers.values())), with_kwargs=True)
-    model.goat_state = GoatState(config, list(modules_to_save), trainable_before, hook, base_heads)
+    model.goat_state = GoatState(config, list(modules_to_save), trainable_before, hook, base_heads, base_settings)
 
 
 MASK_ARGUMENTS = ("attention_mask", "decoder_attention_mask")
@@ -167,8 +180,8 @@ def find_target_linears(model: nn.Module, config: GoatConfig, heads: list[str]) 
         if name and not any(p.match(name) for p in in_head) and module is not output
     }
     spec = config.target_modules
-    if spec == "all-linear":
-        targets = {name: m for name, m in candidates.items() if isinstance(m, nn.Linear)}
+    if spec == "all-linear":  # quantized layers of other libraries too, to refuse them by name below
+        targets = {name: m for name, m in candidates.items() if isinstance(m, nn.Linear) or looks_quantized(m)}
     elif isinstance(spec, list):
         targets = {n: m for n, m in candidates.items() if any(n == t or n.endswith("." + t) for t in spec)}
     else:
@@ -179,6 +192,8 @@ def find_target_linears(model: nn.Module, config: GoatConfig, heads: list[str]) 
             f"target_modules={spec!r} matches no module of {type(model).__name__} (the task head and output "
             f"embeddings are never targets). Its Linear layers are named: {', '.join(linear_names) or 'none'}."
         )
+    for name, module in targets.items():
+        check_base_layer(name, module)
     not_linear = {name: type(m).__name__ for name, m in targets.items() if not isinstance(m, nn.Linear)}
     if not_linear:
         name, kind = next(iter(not_linear.items()))
@@ -187,6 +202,32 @@ def find_target_linears(model: nn.Module, config: GoatConfig, heads: list[str]) 
             "only. Name the Linear layers inside it instead, or use target_modules='all-linear'."
         )
     return targets
+
+
+@contextlib.contextmanager
+def trainer_accepts_quantized_base(model: nn.Module) -> Iterator[None]:
+    """While a transformers Trainer is built: let it accept a quantized base that carries GOAT layers.
+
+    Trainer refuses a quantized model without adapters ("purely quantized"), and it knows adapters only by PEFT's
+    `_hf_peft_config_loaded` flag; the flag is raised just for the check, since save_pretrained reads it too.
+    """
+    raise_flag = getattr(model, "is_quantized", False) and getattr(model, "goat_state", None) is not None
+    previous = getattr(model, "_hf_peft_config_loaded", False)
+    if raise_flag:
+        model._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        if raise_flag:
+            model._hf_peft_config_loaded = previous
+
+
+def keep_goat_in_fp32(model: nn.Module) -> None:
+    """Cast the experts and routers back to fp32 (DESIGN §2), e.g. after TRL cast a quantized model's trainable
+    parameters to bf16, as QLoRA does for LoRA."""
+    for layer in goat_layers(model).values():
+        for param in (layer.expert_A, layer.expert_B, layer.router.weight):
+            param.data = param.data.to(torch.float32)
 
 
 @contextlib.contextmanager
@@ -227,6 +268,7 @@ def unload_goat(model: nn.Module) -> nn.Module:
     for name, layer in goat_layers(model).items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer.base_layer)
+        release_standard_layout(layer.base_layer, state.base_settings.get(name))
     state.mask_hook.remove()
     for name, param in model.named_parameters():
         param.requires_grad_(name in state.trainable_before)

@@ -17,7 +17,7 @@ from transformers.trainer import is_optimizer_factory
 from .adapter_io import restore_goat_weights, save_goat_adapter
 from .checkpoints import checkpoint_problem, last_complete_checkpoint
 from .config import GoatConfig
-from .model import get_goat_model, goat_layers, parameter_kind
+from .model import get_goat_model, goat_layers, parameter_kind, trainer_accepts_quantized_base
 from .model_card import write_model_card
 from .routing_health import load_summary
 from .routing_trackers import RoutingTrackerCallback
@@ -59,7 +59,8 @@ class GoatTrainerMixin(GoatHubMixin):
         if getattr(model, "goat_state", None) is None:
             get_goat_model(model, config)
             logger.info("Injected GOAT layers: %s", config)
-        super().__init__(model, args, *rest, **kwargs)
+        with trainer_accepts_quantized_base(model):
+            super().__init__(model, args, *rest, **kwargs)
         self._goat_layers = list(goat_layers(self.model).values())
         self._goat_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._warned_no_aux_gradient = False
