@@ -189,14 +189,11 @@ def base_tensors(model: nn.Module, modules_to_save: list[str] | None = None) -> 
     """
     state = getattr(model, "goat_state", None)
     heads = tuple(f"{head}." for head in (state.modules_to_save if state is not None else modules_to_save or []))
-    renamed, goat_own, dense = {}, set(), {}
+    renamed, goat_own = {}, set()
     for name, layer in goat_layers(model).items():
-        quantized = looks_quantized(layer.base_layer)
-        if quantized:  # packed weights change when bitsandbytes repacks them: compare the dense W0 instead
-            dense[f"{name}.weight"] = fingerprint_weight(layer.base_layer)
         for key in layer.state_dict():
             full = f"{name}.{key}"
-            if key.startswith("base_layer.") and not (quantized and key.startswith("base_layer.weight")):
+            if key.startswith("base_layer."):
                 renamed[full] = f"{name}.{key.removeprefix('base_layer.')}"
             else:
                 goat_own.add(full)
@@ -205,7 +202,14 @@ def base_tensors(model: nn.Module, modules_to_save: list[str] | None = None) -> 
         for key, value in model.state_dict().items()
         if key not in goat_own and not key.startswith(heads)
     }
-    return {**tensors, **dense}
+    # A quantized layer's packed weight and its quantisation state change when bitsandbytes repacks them (and
+    # differ before and after injection): compare its dense W0 instead, under the name of its weight.
+    for name, module in model.named_modules():
+        if looks_quantized(module) and not isinstance(module, GoatLinear):
+            key = renamed.get(f"{name}.weight", f"{name}.weight")
+            tensors = {k: v for k, v in tensors.items() if not (k == key or k.startswith(f"{key}."))}
+            tensors[key] = fingerprint_weight(module)
+    return tensors
 
 
 def read_adapter_config(folder: Path) -> dict[str, Any]:
