@@ -48,7 +48,10 @@ DEFAULT_METHODS = (
 
 
 def read_runs(path: Path) -> list[dict]:
-    return json.loads(path.read_text())["runs"] if path.exists() else []
+    """The finished runs, one per (method, lr, seed): a run two processes both finished counts once."""
+    runs = json.loads(path.read_text())["runs"] if path.exists() else []
+    unique = {(run["method"], run["lr"], run["seed"]): run for run in reversed(runs)}
+    return list(reversed(unique.values()))
 
 
 def append_run(path: Path, task: str, run: dict) -> list[dict]:
