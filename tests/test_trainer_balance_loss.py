@@ -114,8 +114,8 @@ def test_logged_loss_is_task_loss_plus_coef_times_aux(make_model, tmp_path):
     trainer = routing_free_trainer(make_model(), tmp_path, coef, max_steps=1)
     trainer.train()
     (entry,) = training_logs(trainer)
-    assert entry["aux_loss"] == pytest.approx(2.0 * 14)  # uniform routing: top_k per layer, 14 layers
-    assert entry["loss"] - entry["task_loss"] == pytest.approx(coef * entry["aux_loss"], abs=1e-4)
+    assert entry["aux_loss"] == pytest.approx(1.0)  # uniform routing: E·Σ f·P = top_k in each layer, logged / k
+    assert entry["loss"] - entry["task_loss"] == pytest.approx(coef * 2.0 * 14, abs=1e-4)  # k per layer, 14 layers
 
 
 # ---- 4. padding ----

@@ -19,7 +19,7 @@ from trainer_fixtures import (
 )
 from transformers import LlamaForCausalLM
 
-from goat_hf import GoatConfig
+from goat_hf import GoatConfig, goat_layers
 
 TESTS = Path(__file__).parent
 
@@ -82,7 +82,11 @@ def test_sft_trainer_trains_completion_only_logs_aux_and_saves_the_adapter(make_
     trainer.train()
 
     logs = training_logs(trainer)
-    assert logs and all(set(HEALTH_KEYS) <= entry.keys() and entry["aux_loss"] > 0 for entry in logs)
+    term = SMALL.aux_loss_coef * SMALL.top_k * len(goat_layers(model))  # the loss term over the logged aux_loss
+    assert logs and all(set(HEALTH_KEYS) <= entry.keys() for entry in logs)
+    assert all(
+        entry["loss"] - entry["task_loss"] == pytest.approx(term * entry["aux_loss"], abs=2e-4) for entry in logs
+    )
     assert_adapter_folder(tmp_path / "run" / "checkpoint-2", model)
     trainer.save_model(str(tmp_path / "adapter"))
     assert_adapter_folder(tmp_path / "adapter", model)
