@@ -69,7 +69,7 @@ def run_one(task: Task, method: Method, lr: float, seed: int, threads: int) -> d
     torch.set_num_threads(threads)
     set_seed(seed)
     model, tokenizer = task.build()
-    model = prepare(method, model, task.peft_task_type, seed)
+    model = prepare(method, model, task.peft_task_type)
     collator = task.collator(tokenizer)
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments(

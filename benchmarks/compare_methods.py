@@ -68,7 +68,7 @@ METHODS = {
 }
 
 
-def prepare(method: Method, model: nn.Module, task_type: str, seed: int) -> nn.Module:
+def prepare(method: Method, model: nn.Module, task_type: str) -> nn.Module:
     """The base wrapped as `method` trains it: PEFT model, GOAT-injected model (by the trainer), or itself."""
     if method.kind == "peft":
         from peft import LoraConfig, get_peft_model
