@@ -248,6 +248,25 @@ def disable_goat(model: nn.Module) -> Iterator[nn.Module]:
             layer.adapter_enabled = enabled
 
 
+@contextlib.contextmanager
+def record_routing(model: nn.Module) -> Iterator[nn.Module]:
+    """Keep each GOAT layer's routing record (`layer.routing`) in evaluation and under `torch.no_grad()` too.
+
+    Outside training with grad the layers record nothing (the forward is W0 x plus the gated term, no balance loss
+    and no routing record, so evaluation and `generate` cost what LoRA's do); this block asks for the record, e.g.
+    to look at which experts a prompt's tokens went to.
+    """
+    layers = goat_layers(model).values()
+    previous = [layer.record_routing for layer in layers]
+    for layer in layers:
+        layer.record_routing = True
+    try:
+        yield model
+    finally:
+        for layer, recording in zip(layers, previous, strict=True):
+            layer.record_routing = recording
+
+
 def _swap_heads(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Point each head tensor at the base's copy (on its device and dtype); returns (tensor, trained data)."""
     state = getattr(model, "goat_state", None)
