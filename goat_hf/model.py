@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.utils import logging as hf_logging
 
 from .base_weights import check_base_layer, hold_standard_layout, looks_quantized, release_standard_layout, was_repacked
 from .config import GoatConfig
@@ -54,11 +55,9 @@ def get_goat_model(model: nn.Module, config: GoatConfig | None = None) -> nn.Mod
             len(too_small), config.r, ", ".join(too_small),
         )
     generator = torch.Generator().manual_seed(config.seed)
-    layers = {
-        name: GoatLinear.from_linear(linear, config, generator)
-        for name, linear in targets.items()
-        if name not in too_small
-    }
+    todo = {name: linear for name, linear in targets.items() if name not in too_small}
+    progress = hf_logging.tqdm(todo.items(), desc="GOAT init", unit="layer", disable=len(todo) < 2 or None)
+    layers = {name: GoatLinear.from_linear(linear, config, generator) for name, linear in progress}
     attach_goat_layers(model, config, layers, heads)
     return model
 
