@@ -16,6 +16,8 @@ N_IN, N_OUT = 48, 40  # n = in_features, m = out_features; h = min = 40
 # (E, k): every top-k in {1, 2, E} that exists for E in {1, 2, 8}
 EXPERTS_TOPK = sorted({(E, k) for E in (1, 2, 8) for k in (1, 2, E) if k <= E})
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BASE_DTYPES = DTYPES | {"fp16": torch.float16}  # fp16 bases too, where the layer is compared with the loop
+HALF_EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}  # rounding of one half-precision result
 INPUT_SHAPES = {"2d": (6, N_IN), "3d": (2, 5, N_IN)}
 RANK = {1: 4, 2: 8, 8: 16}  # total rank r per expert count (d = 4, 4, 2)
 
@@ -64,12 +66,12 @@ def assert_grads_close(grads: dict, reference: dict, dtype: torch.dtype) -> None
     gradient of a bf16 base, whose W0 x backward runs in bf16) against the fp64 reference."""
     for name, grad in grads.items():
         scale = reference[name].abs().max().item()
-        rtol, atol = (2**-6, 2**-6 * scale) if name == "input" and dtype == torch.bfloat16 else (1e-4, 1e-5 * scale)
+        rtol, atol = (2**-6, 2**-6 * scale) if name == "input" and dtype != torch.float32 else (1e-4, 1e-5 * scale)
         torch.testing.assert_close(grad, reference[name].to(grad.dtype), rtol=rtol, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize("shape", INPUT_SHAPES.values(), ids=INPUT_SHAPES.keys())
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("dtype", BASE_DTYPES.values(), ids=BASE_DTYPES.keys())
 @pytest.mark.parametrize(("num_experts", "top_k"), EXPERTS_TOPK, ids=[f"E{E}-k{k}" for E, k in EXPERTS_TOPK])
 @pytest.mark.parametrize("init", INIT_MODES)
 def test_fused_forward_and_gradients_match_per_expert_reference(init, num_experts, top_k, dtype, shape):
@@ -86,10 +88,10 @@ def test_fused_forward_and_gradients_match_per_expert_reference(init, num_expert
     assert y.dtype == dtype and y.shape == (*shape[:-1], N_OUT)
     if dtype == torch.float32:
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
-    else:  # base output, delta and their sum are each rounded to bf16 (8 bits): a few ulps apart at most
+    else:  # base output, delta and their sum are each rounded to bf16/fp16: a few ulps apart at most
         base = plain_linear_forward(layer.base_layer, x).float()
         delta = (y_ref.float() - base).abs()
-        bound = 2.0**-7 * (base.abs() + delta + y_ref.float().abs()) + 1e-6
+        bound = HALF_EPS[dtype] * (base.abs() + delta + y_ref.float().abs()) + 1e-6
         assert ((y.float() - y_ref.float()).abs() <= bound).all()
         assert delta.max() > 5 * bound.max(), "adapter term too small to test in bf16"
     torch.testing.assert_close(balance.double(), balance_ref, rtol=1e-5, atol=1e-6)
@@ -270,7 +272,7 @@ def test_dropout_mask_is_shared_by_the_experts():
     torch.testing.assert_close(layer(x), plain, rtol=1e-5, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("dtype", BASE_DTYPES.values(), ids=BASE_DTYPES.keys())
 @pytest.mark.parametrize(("num_experts", "top_k"), EXPERTS_TOPK, ids=[f"E{E}-k{k}" for E, k in EXPERTS_TOPK])
 @pytest.mark.parametrize("init", ["goat", "zero"])
 def test_dropout_forward_and_gradients_match_per_expert_reference(init, num_experts, top_k, dtype):
