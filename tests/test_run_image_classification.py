@@ -86,7 +86,7 @@ def test_offline_default_trains_saves_and_reloads(script, tmp_path, capsys):
     with torch.no_grad():
         expected = trained(pixel_values=pixels).logits
         onto_fresh = load_goat_adapter(fresh, out).eval()(pixel_values=pixels).logits
-        from_folder = load_goat_model(out).eval()(pixel_values=pixels).logits  # base read from out/base_model
+        from_folder = load_goat_model(out, base_model=out / "base_model").eval()(pixel_values=pixels).logits
     assert torch.equal(onto_fresh, expected)
     assert torch.equal(from_folder, expected)
 
