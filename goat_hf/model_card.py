@@ -16,6 +16,7 @@ from .adapter_io import CONFIG_NAME, adapter_metadata, read_adapter_config
 from .config import GoatConfig
 from .heatmap import PILLOW_MISSING, draw_load_heatmap
 from .routing_health import load_summary
+from .version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -295,8 +296,8 @@ def _usage(architecture: str, base_model: str | None, recorded: bool) -> str:
 
 
 def _versions() -> dict[str, str]:
-    versions = {}
-    for package in ("goat_hf", "transformers", "torch", "trl", "huggingface_hub"):
+    versions = {"goat_hf": __version__}  # the code that ran, not whichever goat_hf pip last installed
+    for package in ("transformers", "torch", "trl", "huggingface_hub"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:

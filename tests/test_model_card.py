@@ -12,6 +12,7 @@ from trainer_fixtures import classification_dataset, cpu_args, single_thread
 
 from goat_hf import GoatConfig, GoatTrainer
 from goat_hf.model_card import CARD_NAME, HEATMAP_NAME
+from goat_hf.version import __version__
 
 HUB_BASE = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -62,6 +63,7 @@ def test_card_for_a_hub_base_has_the_hub_metadata_and_links_the_base(classifier_
     assert f"[{HUB_BASE}](https://huggingface.co/{HUB_BASE})" in card.text
     assert "(#)" not in card.text
     assert 'load_goat_model("<this repo id or folder>")  # loads the base recorded in goat_config.json' in card.text
+    assert f"- goat_hf {__version__}\n" in card.text  # the code that wrote it, whatever pip installed
 
 
 def test_card_for_a_local_base_and_local_data_says_so(classifier_factory, tmp_path):
