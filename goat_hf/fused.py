@@ -52,17 +52,11 @@ class FusedGoatFunction(torch.autograd.Function):
     def forward(ctx, x, base_weight, base_bias, base, router_weight, expert_A, expert_B, residual_A, residual_B,
                 scaling, correction, top_k, with_probs):
         E, r = router_weight.shape[0], expert_A.shape[0]
-        rows = [router_weight, expert_A]
-        columns = [expert_B]
-        if residual_A is not None:
-            rows.append(residual_A * correction)  # -c·s folded into the frozen rows (r x n, not T x r)
-            columns.append(residual_B)
-        projection = torch.cat(rows)  # [E + r (+ r), n]
+        projection, up = _stacked(router_weight, expert_A, expert_B, residual_A, residual_B, correction)
         hidden = x @ projection.T  # [T, E + r (+ r)]: router logits | expert activations | residual activations
         logits = hidden[:, :E]
         gates, top_experts = routing_gates(logits, top_k, scaling)
         hidden[:, E : E + r].unflatten(1, (E, -1)).mul_(gates.unsqueeze(-1))  # expert j's d columns × s·w_j
-        up = torch.cat(columns, dim=1)  # [m, r (+ r)]
         if base_weight is not None:
             out = F.linear(x, base_weight, base_bias).addmm_(hidden[:, E:], up.T)
         elif base is not None:
@@ -70,7 +64,10 @@ class FusedGoatFunction(torch.autograd.Function):
         else:
             out = hidden[:, E:] @ up.T
         probs = small_softmax(logits) if with_probs else None
-        ctx.save_for_backward(x, base_weight, projection, hidden, gates, up, probs)
+        # the weights themselves, not their stacked copies: those are rebuilt in the backward (small, transient)
+        ctx.save_for_backward(x, base_weight, hidden, gates, probs, router_weight, expert_A, expert_B, residual_A,
+                              residual_B)
+        ctx.correction = correction
         ctx.scaling, ctx.rank, ctx.has_base = scaling, r, base is not None
         ctx.mark_non_differentiable(top_experts)
         ctx.set_materialize_grads(False)  # a balance loss alone reaches the router only (no zero dA, dB)
@@ -79,7 +76,8 @@ class FusedGoatFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, grad_probs, _):
-        x, base_weight, projection, hidden, gates, up, probs = ctx.saved_tensors
+        x, base_weight, hidden, gates, probs, *weights = ctx.saved_tensors
+        projection, up = _stacked(*weights, ctx.correction)
         E, r = gates.shape[1], ctx.rank
         needs = ctx.needs_input_grad
         grad_hidden = torch.zeros_like(hidden) if grad_out is None else torch.empty_like(hidden)
@@ -105,3 +103,11 @@ class FusedGoatFunction(torch.autograd.Function):
             grad_router, grad_A = grad_rows[:E], grad_rows[E:] if grad_out is not None else None
         grad_base = grad_out if ctx.has_base and needs[3] else None
         return grad_x, None, None, grad_base, grad_router, grad_A, grad_up, None, None, None, None, None, None
+
+
+def _stacked(router_weight, expert_A, expert_B, residual_A, residual_B, correction):
+    """[W_r; A; c·A0] ([E + r (+ r), n]) and [B | B0] ([m, r (+ r)]); c = -c·s is folded into the frozen rows."""
+    if residual_A is None:
+        return torch.cat([router_weight, expert_A]), expert_B
+    projection = torch.cat([router_weight, expert_A, residual_A * correction])
+    return projection, torch.cat([expert_B, residual_B], dim=1)
