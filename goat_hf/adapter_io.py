@@ -19,6 +19,7 @@ from torch import nn
 
 from . import __version__
 from .config import GoatConfig
+from .distributed import copy_full_, full_tensor
 from .layer import GoatLinear
 from .model import attach_goat_layers, goat_layers, require_goat_state, require_no_goat
 
@@ -33,11 +34,19 @@ class GoatAdapterError(ValueError):
     """An adapter folder that cannot be loaded onto this model; the message says why and what to do."""
 
 
-def save_goat_adapter(model: nn.Module, save_directory: str | os.PathLike) -> Path:
-    """Write the adapter (not the base weights) into `save_directory`; returns the folder."""
+def save_goat_adapter(
+    model: nn.Module, save_directory: str | os.PathLike, *, is_main_process: bool = True
+) -> Path:
+    """Write the adapter (not the base weights) into `save_directory`; returns the folder.
+
+    Under FSDP2 or ZeRO-3 call it on every rank (it gathers the sharded tensors) with `is_main_process` true on
+    the one rank that writes, as with transformers' `save_pretrained`.
+    """
     meta = adapter_metadata(model)
-    tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in adapter_state_dict(model).items()}
+    tensors = {key: full_tensor(value).contiguous().clone() for key, value in adapter_state_dict(model).items()}
     folder = Path(save_directory)
+    if not is_main_process:
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     # Weights first, config last: a folder with a config always has complete weights beside it.
     _write_atomically(folder / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
@@ -119,9 +128,8 @@ def restore_goat_weights(model: nn.Module, adapter_folder: str | os.PathLike) ->
             f"({require_goat_state(model).config}); resume with the settings of that run."
         )
     tensors = _read_weights(folder / WEIGHTS_NAME)
-    with torch.no_grad():
-        for key, target in adapter_state_dict(model).items():
-            target.copy_(_tensor(tensors, key, target.shape, folder))
+    for key, target in adapter_state_dict(model).items():
+        copy_full_(target, _tensor(tensors, key, target.shape, folder))
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -133,8 +141,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for tensor_name in names:
             tensors[f"{name}.{tensor_name}"] = _layer_tensor(layer, tensor_name)
     for head in state.modules_to_save:
-        for param_name, value in model.get_submodule(head).state_dict().items():
-            tensors[f"{head}.{param_name}"] = value
+        module = model.get_submodule(head)
+        # the parameters themselves, not state_dict()'s detached copies: ZeRO-3 marks the parameter objects
+        live = dict(module.named_buffers()) | dict(module.named_parameters(remove_duplicate=False))
+        for param_name in module.state_dict():
+            tensors[f"{head}.{param_name}"] = live[param_name]
     return tensors
 
 
@@ -160,6 +171,7 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
 
 def weight_fingerprint(weight: torch.Tensor) -> list[float]:
     """Four numbers that change when W0 does: sums of W0 @ p for a fixed +-1 probe p (no hashing of GBs)."""
+    weight = full_tensor(weight)  # a sharded W0 is gathered, one layer at a time
     n = weight.shape[1]
     probe = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(n)).to(weight.device) * 2.0 - 1.0
     v = (weight.detach().float() @ probe).double()  # [m]

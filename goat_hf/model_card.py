@@ -51,8 +51,11 @@ def write_model_card(
     """
     loads = getattr(trainer, "routing_loads", None)
     missing = "no GoatTrainer logged them for this card (it records them at each logging step)"
+    folder = Path(folder)
+    # The adapter saved in `folder` describes itself; reading it spares gathering a sharded (FSDP2/ZeRO-3) model again
+    meta = read_adapter_config(folder) if (folder / CONFIG_NAME).is_file() else adapter_metadata(model)
     return _write_card(
-        adapter_metadata(model), Path(folder), trainer, loads, missing, dataset_name=dataset_name, metrics=metrics,
+        meta, folder, trainer, loads, missing, dataset_name=dataset_name, metrics=metrics,
         license=license, base_model=base_model, tags=tags, model_name=model_name,
     )
 

@@ -20,6 +20,7 @@ from .model import get_goat_model, goat_layers, parameter_kind
 from .model_card import write_model_card
 from .routing_health import load_summary
 from .trainer_hub import GoatHubMixin
+from .trainer_sharding import GoatShardedCheckpointMixin
 from .training_args import GoatTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 TRAINING_ARGS_NAME = "training_args.bin"
 
 
-class GoatTrainerMixin(GoatHubMixin):
+class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
     """Mix into a transformers Trainer (before it in the bases) to train GOAT adapters.
 
     - injects GOAT with `goat_config`, the GOAT flags of GoatTrainingArguments, or the paper's defaults when the
@@ -200,10 +201,11 @@ class GoatTrainerMixin(GoatHubMixin):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        # every rank: under FSDP2 / ZeRO-3 the adapter is gathered collectively, then the main process writes it
+        save_goat_adapter(model, output_dir, is_main_process=self.args.should_save)
         if not self.args.should_save:
             return
-        model = self.accelerator.unwrap_model(self.model)
-        save_goat_adapter(model, output_dir)
         write_model_card(model, output_dir, trainer=self)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)

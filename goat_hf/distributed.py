@@ -1,0 +1,52 @@
+"""Whole tensors from sharded training: FSDP2 DTensors and DeepSpeed ZeRO-3 partitioned parameters.
+
+Under FSDP2 (`fully_shard`) every parameter is a DTensor holding 1/world_size of the rows on each rank; under
+ZeRO-3 a parameter is an empty placeholder whose data lives in DeepSpeed's partitions. The adapter format
+holds whole tensors, so reading a tensor for the adapter file gathers it, and writing one from the file puts
+each rank's part back. Both are collectives: every rank must make the same calls in the same order (the
+Trainer calls `_save` and the loaders on every rank). Plain tensors, DDP and ZeRO-1/2 pass straight through.
+One tensor is gathered at a time, so memory stays bounded by the largest layer.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def is_zero3_partitioned(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a DeepSpeed ZeRO-3 parameter (its data is partitioned across the ranks)."""
+    return hasattr(tensor, "ds_id") and hasattr(tensor, "ds_status")
+
+
+def _zero3_gathered(tensor: torch.Tensor, modifier_rank: int | None = None):
+    if not is_zero3_partitioned(tensor):
+        return nullcontext()
+    from deepspeed.zero import GatheredParameters  # only a ZeRO-3 parameter gets here, so deepspeed is installed
+
+    return GatheredParameters([tensor], modifier_rank=modifier_rank)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, detached, on the CPU, whatever sharding holds it (a copy when it was sharded)."""
+    if isinstance(tensor, DTensor):
+        return tensor.detach().full_tensor().cpu()
+    with _zero3_gathered(tensor):
+        return tensor.detach().cpu().clone() if is_zero3_partitioned(tensor) else tensor.detach().cpu()
+
+
+@torch.no_grad()
+def copy_full_(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy the whole tensor `value` into `target`, which may be sharded: each rank keeps its own part.
+
+    Every rank must pass the same `value` (all ranks read the same adapter file).
+    """
+    if isinstance(target, DTensor):
+        value = value.to(device=target.to_local().device, dtype=target.dtype)
+        # src_data_rank=None: each rank cuts its part from its own copy, no broadcast needed
+        target.copy_(distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None))
+        return
+    with _zero3_gathered(target, modifier_rank=0):
+        target.copy_(value)

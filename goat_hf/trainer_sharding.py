@@ -1,0 +1,35 @@
+"""Adapter-only checkpoints under FSDP and DeepSpeed: what Trainer would save in full, GoatTrainer saves as an adapter.
+
+Under FSDP and DeepSpeed, Trainer.save_model gathers the whole model's state dict (base weights included) before
+calling `_save`, or skips `_save` altogether (FSDP with SHARDED_STATE_DICT), and each checkpoint also gets the
+sharded model (FSDP's `pytorch_model_fsdp_0`, DeepSpeed's module states). GOAT's base is frozen and rebuilt from
+the base model, so here every rank calls `_save` (which gathers the adapter only, see distributed.py) and the
+checkpoint adds just the optimizer state: FSDP's gathered optimizer.bin, or DeepSpeed's engine checkpoint
+without frozen parameters.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate.utils import save_fsdp_optimizer
+from transformers.trainer import SCHEDULER_NAME
+
+
+class GoatShardedCheckpointMixin:
+    """Mixed into GoatTrainerMixin; a no-op without FSDP or DeepSpeed."""
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            return super().save_model(output_dir, _internal_call)
+        self._save(output_dir or self.args.output_dir)  # on every rank: the adapter is gathered collectively
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
