@@ -34,9 +34,7 @@ class GoatAdapterError(ValueError):
     """An adapter folder that cannot be loaded onto this model; the message says why and what to do."""
 
 
-def save_goat_adapter(
-    model: nn.Module, save_directory: str | os.PathLike, *, is_main_process: bool = True
-) -> Path:
+def save_goat_adapter(model: nn.Module, save_directory: str | os.PathLike, *, is_main_process: bool = True) -> Path:
     """Write the adapter (not the base weights) into `save_directory`; returns the folder.
 
     Under FSDP2 or ZeRO-3 call it on every rank (it gathers the sharded tensors) with `is_main_process` true on

@@ -47,7 +47,16 @@ def shard_on_cpu() -> None:
 def torchrun(worker: Path, out_dir: Path, *worker_args: str, timeout: int = 300) -> None:
     """Run `worker` on 2 CPU processes (gloo) with torchrun, offline, one thread each; fail with its output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(worker.parent.parent)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-               str(out_dir), *worker_args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(worker),
+        str(out_dir),
+        *worker_args,
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

@@ -49,30 +49,45 @@ def sharding_report(model: torch.nn.Module) -> dict:
 
 def train_phase(out_dir: Path, aux_loss_coef: float) -> dict:
     run = out_dir / f"aux{aux_loss_coef:g}"
-    trainer = GoatTrainer(model=tiny_llama(), args=train_args(run), train_dataset=lm_dataset(4 * STEPS),
-                          goat_config=goat_config(aux_loss_coef))
+    trainer = GoatTrainer(
+        model=tiny_llama(),
+        args=train_args(run),
+        train_dataset=lm_dataset(4 * STEPS),
+        goat_config=goat_config(aux_loss_coef),
+    )
     shard = [batch["input_ids"].tolist() for batch in trainer.get_train_dataloader()]
     trainer.train()
     trainer.save_model(str(run / "final"))
-    return {"distributed_type": str(trainer.accelerator.distributed_type), "shard": shard,
-            **sharding_report(trainer.model)}
+    return {
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "shard": shard,
+        **sharding_report(trainer.model),
+    }
 
 
 def resume_phase(out_dir: Path) -> None:
     run = out_dir / "aux0.1"
-    trainer = GoatTrainer(model=tiny_llama(), args=train_args(run), train_dataset=lm_dataset(4 * STEPS),
-                          goat_config=goat_config(0.1))
+    trainer = GoatTrainer(
+        model=tiny_llama(), args=train_args(run), train_dataset=lm_dataset(4 * STEPS), goat_config=goat_config(0.1)
+    )
     trainer.train(resume_from_checkpoint=str(run / "checkpoint-2"))
     trainer.save_model(str(out_dir / "resumed"))
 
 
 def best_phase(out_dir: Path) -> str:
     run = out_dir / "best"
-    args = train_args(run, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
-                      metric_for_best_model="eval_loss", greater_is_better=True)
+    args = train_args(
+        run,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=True,
+    )
     data = lm_dataset(4 * STEPS)
-    trainer = GoatTrainer(model=tiny_llama(), args=args, train_dataset=data, eval_dataset=data,
-                          goat_config=goat_config(0.1))
+    trainer = GoatTrainer(
+        model=tiny_llama(), args=args, train_dataset=data, eval_dataset=data, goat_config=goat_config(0.1)
+    )
     trainer.train()
     trainer.save_model(str(run / "final"))
     return trainer.state.best_model_checkpoint

@@ -35,11 +35,17 @@ def fsdp_run(tmp_path_factory) -> Path:
 
 def reference(tmp_path: Path, aux_loss_coef: float, batch_size: int, accumulation: int) -> tuple[dict, list]:
     """Single-process GoatTrainer on the same data and settings: final adapter and the micro-batches it saw."""
-    args = cpu_args(tmp_path, max_steps=STEPS, learning_rate=1e-2, per_device_train_batch_size=batch_size,
-                    gradient_accumulation_steps=accumulation)
+    args = cpu_args(
+        tmp_path,
+        max_steps=STEPS,
+        learning_rate=1e-2,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+    )
     model = tiny_llama()
-    trainer = GoatTrainer(model=model, args=args, train_dataset=lm_dataset(4 * STEPS),
-                          goat_config=goat_config(aux_loss_coef))
+    trainer = GoatTrainer(
+        model=model, args=args, train_dataset=lm_dataset(4 * STEPS), goat_config=goat_config(aux_loss_coef)
+    )
     batches = [batch["input_ids"].tolist() for batch in trainer.get_train_dataloader()]
     trainer.train()
     return adapter_copy(model), batches
