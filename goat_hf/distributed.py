@@ -13,6 +13,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
@@ -24,9 +25,9 @@ def is_zero3_partitioned(tensor: torch.Tensor) -> bool:
 def _zero3_gathered(tensor: torch.Tensor, modifier_rank: int | None = None):
     if not is_zero3_partitioned(tensor):
         return nullcontext()
-    from deepspeed.zero import GatheredParameters  # only a ZeRO-3 parameter gets here, so deepspeed is installed
+    import deepspeed  # only a ZeRO-3 parameter gets here, so deepspeed is installed
 
-    return GatheredParameters([tensor], modifier_rank=modifier_rank)
+    return deepspeed.zero.GatheredParameters([tensor], modifier_rank=modifier_rank)
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -50,3 +51,20 @@ def copy_full_(target: torch.Tensor, value: torch.Tensor) -> None:
         return
     with _zero3_gathered(target, modifier_rank=0):
         target.copy_(value)
+
+
+def require_whole_weights(linears: dict[str, nn.Module]) -> None:
+    """Refuse layers whose weight is already sharded: GOAT's SVD init needs each W0 whole."""
+    for name, linear in linears.items():
+        weight = linear.weight
+        if isinstance(weight, DTensor):
+            kind = "an FSDP2 / tensor-parallel DTensor"
+        elif is_zero3_partitioned(weight):
+            kind = "a DeepSpeed ZeRO-3 partition (the model was loaded under zero.Init)"
+        else:
+            continue
+        raise ValueError(
+            f"Layer {name!r} has a sharded weight, {kind}; GOAT's SVD init needs whole weights. Inject before "
+            "sharding: load the model unsharded (accelerate config `zero3_init_flag: false`, or build "
+            "TrainingArguments after from_pretrained) and let GoatTrainer inject; accelerate shards it at prepare."
+        )

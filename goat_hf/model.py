@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .config import GoatConfig
+from .distributed import require_whole_weights
 from .layer import GoatLinear
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def get_goat_model(model: nn.Module, config: GoatConfig | None = None) -> nn.Mod
     config = config or GoatConfig()
     heads = resolve_modules_to_save(model, config.modules_to_save)
     targets = find_target_linears(model, config, heads)
+    require_whole_weights(targets)
     too_small = [name for name, linear in targets.items() if min(linear.in_features, linear.out_features) < config.r]
     if len(too_small) == len(targets):
         largest = max(min(linear.in_features, linear.out_features) for linear in targets.values())
