@@ -52,8 +52,12 @@ def save_goat_adapter(model: nn.Module, save_directory: str | os.PathLike, *, is
     return folder
 
 
-def adapter_metadata(model: nn.Module) -> dict[str, Any]:
-    """What goat_config.json holds for `model`: format, base model, GoatConfig, heads and per-layer facts."""
+def adapter_metadata(model: nn.Module, *, fingerprints: bool = True) -> dict[str, Any]:
+    """What goat_config.json holds for `model`: format, base model, GoatConfig, heads and per-layer facts.
+
+    The W0 fingerprints gather a sharded (FSDP2 / ZeRO-3) weight, a collective; a caller on one rank only (the
+    model card) asks for `fingerprints=False`.
+    """
     state = require_goat_state(model)
     layers: dict[str, dict[str, Any]] = {}
     for name, layer in goat_layers(model).items():
@@ -63,8 +67,9 @@ def adapter_metadata(model: nn.Module) -> dict[str, Any]:
             "scaling": layer.scaling,
             "residual": layer.residual_A is not None,
             "base_dtype": str(layer.base_layer.weight.dtype).removeprefix("torch."),
-            "base_fingerprint": weight_fingerprint(layer.base_layer.weight),
         }
+        if fingerprints:
+            layers[name]["base_fingerprint"] = weight_fingerprint(layer.base_layer.weight)
     base_config = getattr(model, "config", None)
     return {
         "format_version": FORMAT_VERSION,

@@ -51,11 +51,9 @@ def write_model_card(
     """
     loads = getattr(trainer, "routing_loads", None)
     missing = "no GoatTrainer logged them for this card (it records them at each logging step)"
-    folder = Path(folder)
-    # The adapter saved in `folder` describes itself; reading it spares gathering a sharded (FSDP2/ZeRO-3) model again
-    meta = read_adapter_config(folder) if (folder / CONFIG_NAME).is_file() else adapter_metadata(model)
+    meta = adapter_metadata(model, fingerprints=False)  # gathers nothing: rank 0 alone writes it under FSDP2/ZeRO-3
     return _write_card(
-        meta, folder, trainer, loads, missing, dataset_name=dataset_name, metrics=metrics,
+        meta, Path(folder), trainer, loads, missing, dataset_name=dataset_name, metrics=metrics,
         license=license, base_model=base_model, tags=tags, model_name=model_name,
     )
 

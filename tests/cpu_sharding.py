@@ -44,7 +44,7 @@ def shard_on_cpu() -> None:
     AcceleratorState.__init__ = init
 
 
-def torchrun(worker: Path, out_dir: Path, *worker_args: str, timeout: int = 300) -> None:
+def torchrun(worker: Path, out_dir: Path, *worker_args: str, timeout: int = 900) -> None:
     """Run `worker` on 2 CPU processes (gloo) with torchrun, offline, one thread each; fail with its output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(worker.parent.parent)}
     command = [

@@ -5,6 +5,7 @@ gloo, with sharding really on (see cpu_sharding.py). GoatTrainer trains a tiny L
 process group:
 - train/aux{coef}: 4 steps, checkpoints at 2 and 4, then `save_model(final)`, for each coef in COEFS[BACKEND];
 - resume: a fresh model resumed from aux0.1/checkpoint-2 to step 4, then `save_model(resumed)`;
+- sft (fsdp2 only): GoatSFTTrainer, 2 steps, a checkpoint at 2;
 - best: evaluation at steps 2 and 4 with `load_best_model_at_end` (the *highest* eval loss is "best", so the
   best checkpoint is not simply the last one), then `save_model(final)`.
 Each rank writes OUT_DIR/report{rank}.json: what it saw of the sharding, its data, its optimizer groups, and the
@@ -121,12 +122,45 @@ def best_phase(out_dir: Path, backend: str) -> str:
     return trainer.state.best_model_checkpoint
 
 
+def sft_args(output_dir: Path, backend: str | None = None, **overrides):
+    from trl import SFTConfig
+
+    settings = dict(max_steps=2, learning_rate=1e-2, save_strategy="steps", save_steps=2)
+    if backend is not None:
+        settings.update(ddp_backend="gloo", **BACKENDS[backend])
+    return cpu_args(output_dir, SFTConfig, **{**settings, **overrides})
+
+
+def sft_trainer(args):
+    """GoatSFTTrainer on test_trainer's prompt-completion data (completion-only loss, padded batches)."""
+    from test_trainer import prompt_completion_dataset, word_tokenizer
+
+    from goat_hf import GoatSFTTrainer
+
+    data = prompt_completion_dataset(8)
+    return GoatSFTTrainer(
+        model=tiny_llama(),
+        args=args,
+        train_dataset=data,
+        processing_class=word_tokenizer(),
+        goat_config=goat_config(0.1),
+    )
+
+
+def sft_phase(out_dir: Path, backend: str) -> dict:
+    trainer = sft_trainer(sft_args(out_dir / "sft", backend))
+    trainer.train()
+    return sharding_report(trainer)
+
+
 def main(out_dir: Path, backend: str) -> None:
     torch.set_num_threads(1)
     shard_on_cpu()
     report = {f"aux{coef:g}": train_phase(out_dir, backend, coef) for coef in COEFS[backend]}
     report["resumed_steps"] = resume_phase(out_dir, backend)
     report["best_model_checkpoint"] = best_phase(out_dir, backend)
+    if backend == "fsdp2":
+        report["sft"] = sft_phase(out_dir, backend)
     (out_dir / f"report{torch.distributed.get_rank()}.json").write_text(json.dumps(report))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import tiny_llama
 from sharded_checks import (
     adapter_file,
     check_best_model_restored,
@@ -14,7 +15,10 @@ from sharded_checks import (
     reports,
     run_worker,
 )
-from trainer_fixtures import single_thread
+from sharded_worker import goat_config
+from trainer_fixtures import adapter_copy, single_thread
+
+from goat_hf import get_goat_model, load_goat_adapter
 
 pytestmark = pytest.mark.slow
 single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
@@ -56,3 +60,14 @@ def test_resume_equals_uninterrupted(fsdp_run):
 
 def test_load_best_model_at_end_restores_the_best_checkpoint(fsdp_run):
     check_best_model_restored(fsdp_run)
+
+
+def test_sft_trainer_trains_sharded_and_saves_the_whole_adapter(fsdp_run):
+    report = reports(fsdp_run)[0]["sft"]
+    assert report["distributed_type"] == "DistributedType.FSDP"
+    assert report["sharded_dtensors"] == report["parameters"]
+    folder = fsdp_run / "sft" / "checkpoint-2"
+    model = load_goat_adapter(tiny_llama(), folder)  # whole tensors, fingerprints of the whole W0
+    saved = adapter_file(folder)
+    assert largest_difference(adapter_copy(model), saved) == 0
+    assert largest_difference(saved, adapter_copy(get_goat_model(tiny_llama(), goat_config(0.1)))) > 1e-2

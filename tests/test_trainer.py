@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import perturb_
+from cpu_sharding import torchrun
 from safetensors.torch import load_file
 from trainer_fixtures import adapter_copy, as_batch, classification_dataset, cpu_args, lm_dataset, single_thread
 from transformers import LlamaForCausalLM, TrainerCallback, TrainingArguments
@@ -584,19 +583,7 @@ def test_non_reentrant_checkpointing_keeps_the_aux_gradient(make_model, tmp_path
 
 @pytest.mark.slow
 def test_ddp_two_processes_train_identical_adapters(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(TESTS.parent)}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(TESTS / "ddp_worker.py"),
-        str(tmp_path),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    torchrun(TESTS / "ddp_worker.py", tmp_path)
 
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     adapters = [load_file(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1)]
