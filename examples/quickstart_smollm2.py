@@ -19,7 +19,7 @@ from goat_hf import (
     print_trainable_parameters,
     save_goat_adapter,
 )
-from goat_hf.assets import smollm2_path
+from goat_hf.tasks.assets import smollm2_path
 
 SENTENCE = "GOAT routes every token to two of eight experts."
 

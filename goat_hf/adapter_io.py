@@ -1,75 +1,99 @@
-"""The adapter format (DESIGN §4): goat_config.json + goat_adapter.safetensors, written atomically, read safely.
+"""Save and load adapter folders (DESIGN §4): goat_config.json + goat_adapter.safetensors, local folders only.
 
-The file holds the experts, routers, task head and the frozen residual factors, so loading rebuilds every
-layer exactly with no SVD. Only JSON and safetensors are read: no pickle.
+The weights file holds the experts, routers, task head and the frozen residual factors, so loading rebuilds every
+layer exactly with no SVD. A save writes the weights, then the config, each atomically and flushed to the disk;
+the config records the save id the weights carry in their metadata and the weights' SHA-256, so a folder whose
+save was killed between the two files is refused as incomplete instead of mixing two adapters. Loading checks
+every field, every tensor (no extra, none missing, floating point, finite) and the base model's tensors. Only
+JSON and safetensors are read: no pickle. Resolving Hub ids sits above this module (hub.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from . import __version__
+from .adapter_format import (
+    AGAIN,
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    SAVE_ID_KEY,
+    WEIGHTS_NAME,
+    GoatAdapterError,
+    check_adapter_config,
+)
+from .atomic_files import remove_orphans, write_atomically
+from .base_weights import fingerprint_weight, looks_quantized
 from .config import GoatConfig
-from .distributed import copy_full_, full_tensor
+from .distributed import copy_full_, full_shape, full_tensor, live_tensors
+from .fingerprint import differing_tensors, fingerprint_record
 from .layer import GoatLinear
 from .model import attach_goat_layers, goat_layers, require_goat_state, require_no_goat
+from .version import __version__
 
-CONFIG_NAME = "goat_config.json"
-WEIGHTS_NAME = "goat_adapter.safetensors"
-FORMAT_VERSION = 1
+logger = logging.getLogger(__name__)
+
+__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "WEIGHTS_NAME", "GoatAdapterError"]  # re-exported format names
 LAYER_TENSORS = ("expert_A", "expert_B", "router.weight")
 RESIDUAL_TENSORS = ("residual_A", "residual_B")
-
-
-class GoatAdapterError(ValueError):
-    """An adapter folder that cannot be loaded onto this model; the message says why and what to do."""
 
 
 def save_goat_adapter(model: nn.Module, save_directory: str | os.PathLike, *, is_main_process: bool = True) -> Path:
     """Write the adapter (not the base weights) into `save_directory`; returns the folder.
 
-    Under FSDP2 or ZeRO-3 call it on every rank (it gathers the sharded tensors) with `is_main_process` true on
-    the one rank that writes, as with transformers' `save_pretrained`.
+    Refuses an adapter with a NaN or infinite entry: a broken adapter never replaces a good one on disk.
+    Under FSDP2 or ZeRO-3 call it on every rank (it gathers the sharded adapter and base tensors) with
+    `is_main_process` true on the one rank that writes, as with transformers' `save_pretrained`.
     """
-    meta = adapter_metadata(model)
     tensors = {key: full_tensor(value).contiguous().clone() for key, value in adapter_state_dict(model).items()}
+    _check_tensors(tensors, "This adapter", "Nothing was saved; the training diverged (see on_nonfinite).")
+    base = fingerprint_record(base_tensors(model))  # gathers a sharded base: on every rank
     folder = Path(save_directory)
     if not is_main_process:
         return folder
+    save_id = uuid.uuid4().hex
+    weights = save_safetensors(tensors, metadata={"format": "pt", SAVE_ID_KEY: save_id})
+    meta = {
+        **adapter_metadata(model),
+        "save_id": save_id,
+        "weights_sha256": weights_digest(weights),
+        "base_tensors": base,
+    }
     folder.mkdir(parents=True, exist_ok=True)
-    # Weights first, config last: a folder with a config always has complete weights beside it.
-    _write_atomically(folder / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
-    _write_atomically(folder / CONFIG_NAME, lambda path: Path(path).write_text(json.dumps(meta, indent=2) + "\n"))
+    remove_orphans(folder, (WEIGHTS_NAME, CONFIG_NAME))  # left by a save that was killed
+    # Weights first, config last: the config names the weights' save id, so a folder caught between the two
+    # renames (new weights, old config) is refused as incomplete rather than loaded as a mix.
+    write_atomically(folder / WEIGHTS_NAME, weights)
+    write_atomically(folder / CONFIG_NAME, (json.dumps(meta, indent=2, allow_nan=False) + "\n").encode())
     return folder
 
 
-def adapter_metadata(model: nn.Module, *, fingerprints: bool = True) -> dict[str, Any]:
-    """What goat_config.json holds for `model`: format, base model, GoatConfig, heads and per-layer facts.
+def adapter_metadata(model: nn.Module) -> dict[str, Any]:
+    """The facts goat_config.json holds about `model`: format, base model, GoatConfig, heads and layer shapes.
 
-    The W0 fingerprints gather a sharded (FSDP2 / ZeRO-3) weight, a collective; a caller on one rank only (the
-    model card) asks for `fingerprints=False`.
+    (A save adds its save id, the weights' digest and the base-tensor fingerprints.)
     """
     state = require_goat_state(model)
-    layers: dict[str, dict[str, Any]] = {}
-    for name, layer in goat_layers(model).items():
-        layers[name] = {
+    layers = {
+        name: {
             "in_features": layer.in_features,
             "out_features": layer.out_features,
             "scaling": layer.scaling,
             "residual": layer.residual_A is not None,
-            "base_dtype": str(layer.base_layer.weight.dtype).removeprefix("torch."),
         }
-        if fingerprints:
-            layers[name]["base_fingerprint"] = weight_fingerprint(layer.base_layer.weight)
+        for name, layer in goat_layers(model).items()
+    }
     base_config = getattr(model, "config", None)
     return {
         "format_version": FORMAT_VERSION,
@@ -86,53 +110,67 @@ def adapter_metadata(model: nn.Module, *, fingerprints: bool = True) -> dict[str
     }
 
 
-def load_goat_adapter(
-    model: nn.Module, adapter: str | os.PathLike, *, revision: str | None = None, token: str | None = None
-) -> nn.Module:
-    """Inject the saved GOAT layers into a fresh base `model`, in place, exactly as they were saved.
+def load_goat_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+    """Inject the GOAT layers saved in the local `folder` into a fresh base `model`, in place, exactly as saved.
 
-    `adapter` is a local folder or a Hub repo id (downloaded at `revision`, or found in the cache when offline).
+    Everything is checked before the model is touched, so a refused adapter leaves the model as it was.
+    (`goat_hf.load_goat_adapter` takes Hub ids too; it resolves them to a folder and calls this.)
     """
-    from .hub import resolve_adapter_folder  # hub.py imports this module
-
-    folder = resolve_adapter_folder(adapter, revision=revision, token=token)
+    folder = Path(folder)
     meta = read_adapter_config(folder)
     config = GoatConfig.from_dict(meta["config"])
-    tensors = _read_weights(folder / WEIGHTS_NAME)
+    tensors = read_adapter_weights(folder, meta)
     require_no_goat(model)
     modules = dict(model.named_modules())
+    for name, info in meta["layers"].items():
+        _check_base_layer(name, modules.get(name), info, meta["base_model"])
+    heads = {name: _head(modules, name, meta["base_model"]) for name in meta["modules_to_save"]}
+    expected = {
+        f"{name}.{tensor}": _layer_tensor_shape(info, config, tensor)
+        for name, info in meta["layers"].items()
+        for tensor in LAYER_TENSORS + (RESIDUAL_TENSORS if info["residual"] else ())
+    }
+    for head, module in heads.items():
+        expected |= {f"{head}.{key}": value.shape for key, value in module.state_dict().items()}
+    _check_tensor_names(tensors, expected, folder)
+    _check_base_tensors(meta, base_tensors(model, meta["modules_to_save"]), folder)
     layers = {}
     for name, info in meta["layers"].items():
-        base = modules.get(name)
-        _check_base_layer(name, base, info, meta["base_model"])
-        layer = GoatLinear(base, config, info["scaling"], with_residual=info["residual"])
-        names = LAYER_TENSORS + (RESIDUAL_TENSORS if info["residual"] else ())
+        layer = GoatLinear(modules[name], config, info["scaling"], with_residual=info["residual"])
         with torch.no_grad():
-            for tensor_name in names:
-                target = _layer_tensor(layer, tensor_name)
-                target.copy_(_tensor(tensors, f"{name}.{tensor_name}", target.shape, folder))
+            for tensor_name in LAYER_TENSORS + (RESIDUAL_TENSORS if info["residual"] else ()):
+                _layer_tensor(layer, tensor_name).copy_(tensors[f"{name}.{tensor_name}"])
         layers[name] = layer
-    for head in meta["modules_to_save"]:
-        module = model.get_submodule(head)
-        with torch.no_grad():
-            for param_name, target in module.state_dict().items():
-                target.copy_(_tensor(tensors, f"{head}.{param_name}", target.shape, folder))
-    attach_goat_layers(model, config, layers, meta["modules_to_save"])
+    attach_goat_layers(model, config, layers, meta["modules_to_save"])  # records the heads' base weights first
+    with torch.no_grad():
+        for head, module in heads.items():
+            for key, target in module.state_dict().items():
+                target.copy_(tensors[f"{head}.{key}"])
     return model
 
 
 def restore_goat_weights(model: nn.Module, adapter_folder: str | os.PathLike) -> None:
     """Copy a saved adapter into the GOAT layers `model` already has (resuming, loading the best checkpoint)."""
     folder = Path(adapter_folder)
-    saved = GoatConfig.from_dict(read_adapter_config(folder)["config"])
+    meta = read_adapter_config(folder)
+    saved = GoatConfig.from_dict(meta["config"])
     if saved != require_goat_state(model).config:
         raise GoatAdapterError(
             f"The adapter in {folder} was trained with another GoatConfig ({saved}) than this model's GOAT layers "
             f"({require_goat_state(model).config}); resume with the settings of that run."
         )
-    tensors = _read_weights(folder / WEIGHTS_NAME)
-    for key, target in adapter_state_dict(model).items():
-        copy_full_(target, _tensor(tensors, key, target.shape, folder))
+    tensors = read_adapter_weights(folder, meta)
+    targets = adapter_state_dict(model)
+    _check_tensor_names(tensors, {key: full_shape(value) for key, value in targets.items()}, folder)
+    _check_base_tensors(meta, base_tensors(model), folder)
+    for key, target in targets.items():
+        copy_full_(target, tensors[key])  # a sharded target keeps this rank's part
+
+
+def check_adapter_folder(folder: str | os.PathLike) -> None:
+    """Raise GoatAdapterError unless `folder` holds one complete adapter (config and weights of one save)."""
+    folder = Path(folder)
+    read_adapter_weights(folder, read_adapter_config(folder))
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -144,100 +182,184 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for tensor_name in names:
             tensors[f"{name}.{tensor_name}"] = _layer_tensor(layer, tensor_name)
     for head in state.modules_to_save:
-        module = model.get_submodule(head)
-        # the parameters themselves, not state_dict()'s detached copies: ZeRO-3 marks the parameter objects
-        live = dict(module.named_buffers()) | dict(module.named_parameters(remove_duplicate=False))
-        for param_name in module.state_dict():
-            tensors[f"{head}.{param_name}"] = live[param_name]
+        tensors |= {f"{head}.{key}": value for key, value in live_tensors(model.get_submodule(head)).items()}
+    return tensors
+
+
+def base_tensors(model: nn.Module, modules_to_save: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The base model's tensors by their names without GOAT (W0 of an adapted Linear is `<layer>.weight`).
+
+    Left out: the GOAT tensors and `modules_to_save`, which the adapter file itself holds.
+    """
+    state = getattr(model, "goat_state", None)
+    heads = tuple(f"{head}." for head in (state.modules_to_save if state is not None else modules_to_save or []))
+    renamed, goat_own = {}, set()
+    for name, layer in goat_layers(model).items():
+        for key in layer.state_dict():
+            full = f"{name}.{key}"
+            if key.startswith("base_layer."):
+                renamed[full] = f"{name}.{key.removeprefix('base_layer.')}"
+            else:
+                goat_own.add(full)
+    tensors = {
+        renamed.get(key, key): value
+        for key, value in live_tensors(model).items()  # sharded ones are gathered when fingerprinted
+        if key not in goat_own and not key.startswith(heads)
+    }
+    # A quantized layer's packed weight and its quantisation state change when bitsandbytes repacks them (and
+    # differ before and after injection): compare its dense W0 instead, under the name of its weight.
+    for name, module in model.named_modules():
+        if looks_quantized(module) and not isinstance(module, GoatLinear):
+            key = renamed.get(f"{name}.weight", f"{name}.weight")
+            tensors = {k: v for k, v in tensors.items() if not (k == key or k.startswith(f"{key}."))}
+            tensors[key] = fingerprint_weight(module)
     return tensors
 
 
 def read_adapter_config(folder: Path) -> dict[str, Any]:
-    """goat_config.json, checked for presence, syntax and format version."""
-    path = folder / CONFIG_NAME
+    """goat_config.json, checked field by field (see adapter_format.py)."""
+    path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise GoatAdapterError(
             f"{folder} is not a GOAT adapter folder: {CONFIG_NAME} is missing. Save one with save_goat_adapter()."
         )
     try:
-        meta = json.loads(path.read_text())
-        version = meta["format_version"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise GoatAdapterError(f"{path} is corrupt ({error}); save or download the adapter again.") from None
-    if version > FORMAT_VERSION:
-        raise GoatAdapterError(
-            f"{path} has adapter format version {version}, newer than this goat_hf {__version__} reads "
-            f"(<= {FORMAT_VERSION}); upgrade goat_hf: pip install -U goat_hf."
-        )
+    check_adapter_config(meta, str(path))
     return meta
 
 
-def weight_fingerprint(weight: torch.Tensor) -> list[float]:
-    """Four numbers that change when W0 does: sums of W0 @ p for a fixed +-1 probe p (no hashing of GBs)."""
-    weight = full_tensor(weight)  # a sharded W0 is gathered, one layer at a time
-    n = weight.shape[1]
-    probe = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(n)).to(weight.device) * 2.0 - 1.0
-    v = (weight.detach().float() @ probe).double()  # [m]
-    return [v.sum().item(), v[::2].sum().item(), v.abs().sum().item(), v.square().sum().sqrt().item()]
+def read_adapter_weights(folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of goat_adapter.safetensors, after checking they are the ones its goat_config.json describes."""
+    path = Path(folder) / WEIGHTS_NAME
+    if not path.is_file():
+        raise GoatAdapterError(f"{path} is missing; the adapter folder is incomplete. {AGAIN}")
+    data = path.read_bytes()
+    try:
+        tensors = load_safetensors(data)
+        save_id = _safetensors_metadata(data).get(SAVE_ID_KEY)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise GoatAdapterError(
+            f"{path} is not a readable safetensors file, probably truncated or corrupt ({error}). {AGAIN}"
+        ) from None
+    if save_id != meta["save_id"]:
+        raise GoatAdapterError(
+            f"The adapter in {folder} is incomplete: {WEIGHTS_NAME} comes from another save (save id {save_id}) than "
+            f"{CONFIG_NAME} (save id {meta['save_id']}), as when a save is interrupted between its two files. {AGAIN}"
+        )
+    if weights_digest(data) != meta["weights_sha256"]:
+        raise GoatAdapterError(
+            f"{path} is corrupt: its SHA-256 differs from the one {CONFIG_NAME} records for it. {AGAIN}"
+        )
+    _check_tensors(tensors, str(path), AGAIN)
+    return tensors
+
+
+def weights_digest(data: bytes) -> str:
+    """The SHA-256 goat_config.json records for its weights file."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], where: str, then: str) -> None:
+    """Adapter tensors are floating point and finite."""
+    for key, value in tensors.items():
+        if not value.is_floating_point():
+            raise GoatAdapterError(
+                f"{where}: tensor {key!r} is {value.dtype}; adapter tensors are floating point. {then}"
+            )
+        if not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise GoatAdapterError(f"{where}: tensor {key!r} has {bad} NaN or infinite entries. {then}")
+
+
+def _check_tensor_names(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size], folder: Path) -> None:
+    """Every tensor the config implies is there with its shape, and the file holds nothing else."""
+    for key, shape in expected.items():
+        value = tensors.get(key)
+        if value is None or value.shape != shape:
+            found = "missing" if value is None else f"of shape {tuple(value.shape)}"
+            raise GoatAdapterError(
+                f"{folder / WEIGHTS_NAME} does not match its {CONFIG_NAME}: {key!r} is {found}, expected "
+                f"{tuple(shape)}. {AGAIN}"
+            )
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise GoatAdapterError(
+            f"{folder / WEIGHTS_NAME} holds {len(extra)} tensor(s) its {CONFIG_NAME} does not account for "
+            f"(e.g. {extra[:3]}): they would be ignored silently. {AGAIN}"
+        )
+
+
+def _check_base_tensors(meta: dict[str, Any], tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """The base here has the tensors (embeddings, norms, W0, lm_head, ...) the adapter was trained on."""
+    found = differing_tensors(meta["base_tensors"], tensors)
+    made_for = _made_for(meta["base_model"])
+    problems = {
+        "values": "has other values than",
+        "shape": "has another shape than in",
+        "missing": "is missing here but part of",
+        "extra": "is here but not part of",
+    }
+    for kind, what in problems.items():
+        if found[kind]:
+            names = found[kind]
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            raise GoatAdapterError(
+                f"Base tensor {names[0]!r}{more} {what} the base this adapter was trained on ({made_for}). Load the "
+                "adapter onto that base model."
+            )
+    if found["unchecked"]:
+        logger.warning(
+            "%d base tensor(s) of this model hold no data here (meta device, offloaded?), e.g. %r: they cannot be "
+            "compared with the base the adapter in %s was trained on.",
+            len(found["unchecked"]),
+            found["unchecked"][0],
+            folder,
+        )
+
+
+def _made_for(base_model: dict[str, Any]) -> str:
+    return f"the adapter was made for {base_model.get('name_or_path') or base_model.get('architecture')}"
 
 
 def _check_base_layer(name: str, base: nn.Module | None, info: dict[str, Any], base_model: dict[str, Any]) -> None:
-    made_for = f"the adapter was made for {base_model.get('name_or_path') or base_model.get('architecture')}"
     if not isinstance(base, nn.Linear):
-        raise GoatAdapterError(f"Adapter layer {name!r} is not an nn.Linear of this model; {made_for}.")
+        raise GoatAdapterError(f"Adapter layer {name!r} is not an nn.Linear of this model; {_made_for(base_model)}.")
     expected = (info["out_features"], info["in_features"])
-    if tuple(base.weight.shape) != expected:
+    if (base.out_features, base.in_features) != expected:  # not weight.shape: a 4-bit weight is packed
         raise GoatAdapterError(
-            f"Layer {name!r} has shape {tuple(base.weight.shape)} here but {expected} in the adapter; {made_for}."
+            f"Layer {name!r} has shape {(base.out_features, base.in_features)} here but {expected} in the adapter; "
+            f"{_made_for(base_model)}."
         )
-    same_dtype = str(base.weight.dtype).removeprefix("torch.") == info["base_dtype"]
-    tolerance = 1e-4 if same_dtype else 3e-2  # a bf16 copy of the same base moves the sums by ~0.4 %
-    here = torch.tensor(weight_fingerprint(base.weight), dtype=torch.float64)
-    saved = torch.tensor(info["base_fingerprint"], dtype=torch.float64)
-    # The signed sums can be near 0, where a bf16 copy's rounding is large relative to them: bound it by the
-    # largest entry (the sum of |W0 p|) instead.
-    atol = (1e-6 if same_dtype else 2e-3) * saved.abs().max().item()
-    if not torch.allclose(here, saved, rtol=tolerance, atol=atol):
+
+
+def _head(modules: dict[str, nn.Module], name: str, base_model: dict[str, Any]) -> nn.Module:
+    if name not in modules:
         raise GoatAdapterError(
-            f"Layer {name!r} has other weights than the base this adapter was trained on ({made_for}). "
-            "Load the adapter onto that base model."
+            f"The adapter trained the module {name!r} in full, but this model has no such module; "
+            f"{_made_for(base_model)}."
         )
+    return modules[name]
+
+
+def _layer_tensor_shape(info: dict[str, Any], config: GoatConfig, tensor_name: str) -> torch.Size:
+    n, m, r = info["in_features"], info["out_features"], config.r
+    shapes = {
+        "expert_A": (r, n),
+        "expert_B": (m, r),
+        "router.weight": (config.num_experts, n),
+        "residual_A": (r, n),
+        "residual_B": (m, r),
+    }
+    return torch.Size(shapes[tensor_name])
 
 
 def _layer_tensor(layer: GoatLinear, tensor_name: str) -> torch.Tensor:
     return layer.get_buffer(tensor_name) if tensor_name in RESIDUAL_TENSORS else layer.get_parameter(tensor_name)
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise GoatAdapterError(f"{path} is missing; the adapter folder is incomplete. Save or download it again.")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise GoatAdapterError(
-            f"{path} is not a readable safetensors file, probably truncated or corrupt ({error}). "
-            "Save or download the adapter again."
-        ) from None
-
-
-def _tensor(tensors: dict[str, torch.Tensor], key: str, shape: torch.Size, folder: Path) -> torch.Tensor:
-    value = tensors.get(key)
-    if value is None or value.shape != shape:
-        found = "missing" if value is None else f"of shape {tuple(value.shape)}"
-        raise GoatAdapterError(
-            f"{folder / WEIGHTS_NAME} does not match its {CONFIG_NAME}: {key!r} is {found}, expected "
-            f"{tuple(shape)}. Save or download the adapter again."
-        )
-    return value
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -10,7 +10,8 @@ One tensor is gathered at a time, so memory stays bounded by the largest layer.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -38,6 +39,28 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().cpu().clone() if is_zero3_partitioned(tensor) else tensor.detach().cpu()
 
 
+@contextmanager
+def gathered(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The whole tensor, detached, on its own device, while the block runs (no copy of a plain tensor)."""
+    if isinstance(tensor, DTensor):
+        yield tensor.detach().full_tensor()
+        return
+    with _zero3_gathered(tensor):
+        yield tensor.detach()
+
+
+def full_shape(tensor: torch.Tensor) -> torch.Size:
+    """The whole tensor's shape (a DTensor's is already global; a ZeRO-3 placeholder is empty)."""
+    return torch.Size(tensor.ds_shape) if is_zero3_partitioned(tensor) else tensor.shape
+
+
+def live_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """`module.state_dict()` with each parameter and buffer as the live object, not state_dict's detached copy:
+    ZeRO-3 marks the parameter objects, and gathering needs those marks."""
+    live = dict(module.named_buffers(remove_duplicate=False)) | dict(module.named_parameters(remove_duplicate=False))
+    return {key: live.get(key, value) for key, value in module.state_dict().items()}
+
+
 @torch.no_grad()
 def copy_full_(target: torch.Tensor, value: torch.Tensor) -> None:
     """Copy the whole tensor `value` into `target`, which may be sharded: each rank keeps its own part.
@@ -56,7 +79,7 @@ def copy_full_(target: torch.Tensor, value: torch.Tensor) -> None:
 def require_whole_weights(linears: dict[str, nn.Module]) -> None:
     """Refuse layers whose weight is already sharded: GOAT's SVD init needs each W0 whole."""
     for name, linear in linears.items():
-        weight = linear.weight
+        weight = getattr(linear, "weight", None)
         if isinstance(weight, DTensor):
             kind = "an FSDP2 / tensor-parallel DTensor"
         elif is_zero3_partitioned(weight):

@@ -1,18 +1,30 @@
-"""The routing heatmap of a model card: each layer's share of routed tokens per expert, drawn as a PNG with Pillow."""
+"""The routing heatmap of model cards and trackers: each layer's share of routed tokens per expert (Pillow)."""
 
 from __future__ import annotations
 
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 CELL_WIDTH, MAX_CELL_HEIGHT, MAX_GRID_HEIGHT = 28, 14, 900  # pixels
 LABEL_HEIGHT, PAD = 14, 8
+PILLOW_MISSING = "The routing heatmap needs Pillow: pip install pillow (or goat_hf[heatmap])"
 UNDER, BALANCED, OVER = (33, 102, 172), (247, 247, 247), (178, 24, 43)  # blue, white, red
 
 
 def draw_load_heatmap(loads: dict[str, list[float]], path: str | os.PathLike) -> Path:
-    """Draw `loads` ({layer name: E shares summing to 1}) as a layers x experts grid and save it as a PNG.
+    """Draw `loads` ({layer name: E shares summing to 1}) with `render_load_heatmap` and save it as a PNG."""
+    path = Path(path)
+    render_load_heatmap(loads).save(path, format="PNG")
+    return path
+
+
+def render_load_heatmap(loads: dict[str, list[float]]) -> Image.Image:
+    """`loads` ({layer name: E shares summing to 1}) as a layers x experts grid, a Pillow RGB image.
 
     White is the balanced share 1/E; blue fades to 0 (an idle expert), red saturates at 2/E and above (an
     expert taking twice its share). Rows are labelled with the layer names (every few rows when there are many).
@@ -20,7 +32,7 @@ def draw_load_heatmap(loads: dict[str, list[float]], path: str | os.PathLike) ->
     try:
         from PIL import Image, ImageDraw, ImageFont
     except ImportError as error:
-        raise ImportError("The model card's routing heatmap needs Pillow: pip install pillow") from error
+        raise ImportError(PILLOW_MISSING) from error
 
     names, rows = list(loads), list(loads.values())
     num_experts = len(rows[0])
@@ -50,9 +62,7 @@ def draw_load_heatmap(loads: dict[str, list[float]], path: str | os.PathLike) ->
         if i % label_every == 0:
             draw.text((grid_x - PAD // 2, top + cell_height / 2), name, fill="black", font=font, anchor="rm")
     _draw_legend(draw, font, PAD, grid_y + len(rows) * cell_height + PAD, num_experts)
-    path = Path(path)
-    image.save(path, format="PNG")
-    return path
+    return image
 
 
 def share_colour(share: float, num_experts: int) -> tuple[int, int, int]:

@@ -25,16 +25,10 @@ from huggingface_hub.errors import (
 )
 from torch import nn
 
-from . import __version__
-from .adapter_io import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    GoatAdapterError,
-    load_goat_adapter,
-    read_adapter_config,
-    save_goat_adapter,
-)
+from . import adapter_io
+from .adapter_io import CONFIG_NAME, WEIGHTS_NAME, GoatAdapterError, read_adapter_config, save_goat_adapter
 from .model_card import CARD_NAME, HEATMAP_NAME, write_model_card, write_model_card_for_folder
+from .version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +148,16 @@ def resolve_adapter_folder(adapter: str | os.PathLike, revision: str | None = No
         raise hub_error(error, action) from error
 
 
+def load_goat_adapter(
+    model: nn.Module, adapter: str | os.PathLike, *, revision: str | None = None, token: str | None = None
+) -> nn.Module:
+    """Inject the saved GOAT layers into a fresh base `model`, in place, exactly as they were saved.
+
+    `adapter` is a local folder or a Hub repo id (downloaded at `revision`, or found in the cache when offline).
+    """
+    return adapter_io.load_goat_adapter(model, resolve_adapter_folder(adapter, revision=revision, token=token))
+
+
 def load_goat_model(
     adapter: str | os.PathLike,
     base_model: str | os.PathLike | None = None,
@@ -183,7 +187,7 @@ def load_goat_model(
     if base_model is None and recorded.get("revision") and not Path(str(base)).is_dir():
         from_pretrained_kwargs.setdefault("revision", recorded["revision"])
     model = model_class.from_pretrained(base, token=token, **from_pretrained_kwargs)
-    return load_goat_adapter(model, folder)
+    return adapter_io.load_goat_adapter(model, folder)
 
 
 def hub_error(error: Exception, action: str, after: str = "") -> GoatHubError:

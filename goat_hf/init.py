@@ -14,8 +14,13 @@ from .config import GoatConfig
 
 
 def scaling_factor(config: GoatConfig, in_features: int) -> float:
-    """The adapter scaling s; 'goat' is Theorem 3.5's s = sqrt(3*n*eta/d) with n = in_features."""
+    """The adapter scaling s; 'goat' is Theorem 3.5's s = sqrt(3*n*eta/d) with n = in_features.
+
+    'aligned' depends on the layer's singular values: see `scaled_expert_factors`.
+    """
     d = config.expert_rank
+    if config.scaling == "aligned":
+        raise ValueError("scaling='aligned' depends on the weight; use scaled_expert_factors.")
     if config.scaling == "goat":
         return math.sqrt(3.0 * in_features * config.eta / d)
     if config.scaling == "alpha":
@@ -60,3 +65,36 @@ def expert_factors(
     B = U[:, index] * root_s  # [m, r]
     A = root_s[:, None] * Vh[index]  # [r, n]
     return A.to(torch.float32).contiguous(), B.to(torch.float32).contiguous()
+
+
+def aligned_scaling(config: GoatConfig, unit_A: torch.Tensor, unit_B: torch.Tensor) -> float:
+    """s for which the weight change implied by the first AdamW step has eta times the norm of full fine-tuning's.
+
+    At its first step AdamW moves every trainable entry by lr (sign of the gradient), so full fine-tuning changes
+    W0 by a norm of lr*sqrt(m*n). The experts (rows of A orthogonal, columns of B orthogonal, mean routing weight
+    1/E) change s*sum_j w_j*(dB_j A_j + B_j dA_j) by lr*s*sqrt(sum_j m*|A_j|^2 + n*|B_j|^2)/E. `unit_A`/`unit_B`
+    are the factors at s = 1: SVD segments shrink as 1/sqrt(s) (s*B*A stays U S Vh / rho), Kaiming ones do not.
+    benchmarks/gradient_alignment.py measures the ratio this aims at 1.
+    """
+    m, n = unit_B.shape[0], unit_A.shape[1]
+    E = config.num_experts
+    energy = (m * unit_A.double().pow(2).sum() + n * unit_B.double().pow(2).sum()).item() / E**2
+    if config.init == "zero":  # |A| does not depend on s: ratio = s*sqrt(energy/(m*n))
+        return config.eta * math.sqrt(m * n / energy)
+    return config.eta**2 * m * n / energy  # ratio = sqrt(s*energy/(m*n))
+
+
+def scaled_expert_factors(
+    weight: torch.Tensor, config: GoatConfig, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, s) for one layer: the stacked expert factors and the scaling they were shrunk for (one SVD)."""
+    m, n = weight.shape
+    if config.scaling != "aligned":
+        scaling = scaling_factor(config, n)
+        return (*expert_factors(weight, config, scaling, generator), scaling)
+    A, B = expert_factors(weight, config, 1.0, generator)
+    scaling = aligned_scaling(config, A, B)
+    if config.init == "zero":
+        return A, B, scaling
+    shrink = 1.0 / math.sqrt(scaling)
+    return A * shrink, B * shrink, scaling

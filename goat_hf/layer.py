@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base_weights import dense_weight
 from .config import GoatConfig
-from .init import expert_factors, scaling_factor
+from .init import scaled_expert_factors
 
 
 @dataclass
@@ -55,17 +56,17 @@ class GoatLinear(nn.Module):
         self.register_buffer("residual_B", torch.zeros(m, config.r, device=device) if with_residual else None)
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.adapter_enabled = True
-        self.token_mask: torch.Tensor | None = None  # [..] over x.shape[:-1]; False marks padding
+        self.token_mask: torch.Tensor | None = None  # over x.shape[:-1] (matched by shape); 0 marks padding
         self.routing: RoutingRecord | None = None
 
     @classmethod
     def from_linear(
         cls, base_layer: nn.Linear, config: GoatConfig, generator: torch.Generator | None = None
     ) -> GoatLinear:
-        """Wrap a pretrained Linear, initialising the experts from its SVD segments (DESIGN §2)."""
-        scaling = scaling_factor(config, base_layer.in_features)
+        """Wrap a pretrained Linear (or a bitsandbytes 4-/8-bit one), initialising the experts from the SVD segments
+        of its dense fp32 weight (DESIGN §2), read for this layer alone so that memory stays bounded."""
+        A, B, scaling = scaled_expert_factors(dense_weight(base_layer), config, generator)
         layer = cls(base_layer, config, scaling, with_residual=config.init != "zero")
-        A, B = expert_factors(base_layer.weight, config, scaling, generator)
         router = torch.empty(config.num_experts, base_layer.in_features)  # drawn on the CPU: same on any device
         nn.init.kaiming_uniform_(router, a=math.sqrt(5), generator=generator)
         with torch.no_grad():
@@ -96,8 +97,9 @@ class GoatLinear(nn.Module):
             return result
         E, d = self.num_experts, self.expert_rank
         with torch.autocast(x.device.type, enabled=False):  # experts and router run in fp32 under bf16 autocast too
+            tokens_shape = x.shape[:-1]  # the mask must match it, not just its element count
             x = x.reshape(-1, self.in_features).to(torch.float32)  # [T, n]
-            gates = self._route(x) * self.scaling  # [T, E], s times k non-zero weights per token summing to 1
+            gates = self._route(x, tokens_shape) * self.scaling  # [T, E], s times k weights per token summing to 1
             h = self.dropout(x) @ self.expert_A.T  # [T, E*d]
             h = (h.view(-1, E, d) * gates.unsqueeze(-1)).view(-1, E * d)  # each expert's d columns times s*w_j
             delta = h @ self.expert_B.T  # [T, m]  sum_j w_j s B_j A_j x
@@ -106,13 +108,13 @@ class GoatLinear(nn.Module):
                 delta = delta.addmm_(correction, self.residual_B.T)  # in place: mm outputs are not saved
         return result + delta.view(result.shape).to(result.dtype)
 
-    def _route(self, x: torch.Tensor) -> torch.Tensor:
+    def _route(self, x: torch.Tensor, tokens_shape: torch.Size | None = None) -> torch.Tensor:
         """Top-k routing weights [T, E]; records the routing and the balance loss of this forward."""
         probs = F.softmax(self.router(x), dim=-1)  # [T, E]
         top_w, top_i = probs.topk(self.top_k, dim=-1)  # [T, k]
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         picks = torch.zeros_like(probs).scatter_(1, top_i, 1.0)  # [T, E], 1 where expert j is picked
-        real = self._real_tokens(x.shape[0], probs)  # [T, 1] or None when every token is real
+        real = self._real_tokens(tokens_shape or x.shape[:-1], probs)  # [T, 1] or None: every token is real
         if real is None:
             f, P = picks.mean(0), probs.mean(0)  # [E] picks per token, mean router probability
         else:
@@ -126,12 +128,21 @@ class GoatLinear(nn.Module):
         )
         return torch.zeros_like(probs).scatter_(1, top_i, top_w)
 
-    def _real_tokens(self, num_tokens: int, probs: torch.Tensor) -> torch.Tensor | None:
-        """[T, 1] weights, 0 for padding, when a token mask of this input's shape is set; else None."""
+    def _real_tokens(self, tokens_shape: torch.Size, probs: torch.Tensor) -> torch.Tensor | None:
+        """[T, 1] weights, 0 for padding, from a token mask of this input's token shape; else None.
+
+        The mask is matched by shape, never by element count: a [B, S] mask applies to [B, S, n] activations and,
+        transposed, to sequence-first [S, B, n] ones (batch-first wins when S == B); any other input (a pooled
+        [B, n], another sequence of the same size) counts every token.
+        """
         mask = self.token_mask
-        if mask is None or mask.numel() != num_tokens:
+        if mask is None:
             return None
-        return mask.reshape(num_tokens, 1).to(device=probs.device, dtype=probs.dtype)  # no-op from the model hook
+        if mask.shape != tokens_shape:
+            if mask.dim() != 2 or mask.shape[::-1] != tokens_shape:
+                return None
+            mask = mask.T
+        return mask.reshape(-1, 1).to(device=probs.device, dtype=probs.dtype)  # no-op from the model hook
 
     def extra_repr(self) -> str:
         return (

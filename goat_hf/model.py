@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .base_weights import check_base_layer, hold_standard_layout, looks_quantized, release_standard_layout, was_repacked
 from .config import GoatConfig
 from .distributed import require_whole_weights
 from .layer import GoatLinear
@@ -28,6 +30,8 @@ class GoatState:
     modules_to_save: list[str]
     trainable_before: frozenset[str]
     mask_hook: torch.utils.hooks.RemovableHandle
+    base_heads: dict[str, dict[str, torch.Tensor]]  # the base's own modules_to_save tensors, for disable_goat
+    base_settings: dict[str, bool | None] = field(default_factory=dict)  # what hold_standard_layout changed
 
 
 def get_goat_model(model: nn.Module, config: GoatConfig | None = None) -> nn.Module:
@@ -38,7 +42,6 @@ def get_goat_model(model: nn.Module, config: GoatConfig | None = None) -> nn.Mod
     config = config or GoatConfig()
     heads = resolve_modules_to_save(model, config.modules_to_save)
     targets = find_target_linears(model, config, heads)
-    require_whole_weights(targets)
     too_small = [name for name, linear in targets.items() if min(linear.in_features, linear.out_features) < config.r]
     if len(too_small) == len(targets):
         largest = max(min(linear.in_features, linear.out_features) for linear in targets.values())
@@ -66,29 +69,73 @@ def attach_goat_layers(
 ) -> None:
     """Swap `layers` in by name, freeze everything else but `modules_to_save`, and record the state."""
     trainable_before = frozenset(name for name, p in model.named_parameters() if p.requires_grad)
+    repacked = [name for name, layer in layers.items() if was_repacked(layer.base_layer)]
+    if repacked:
+        logger.warning(
+            "%d Linear4bit layer(s) had been repacked by bitsandbytes for its CPU inference kernel (an eval-mode "
+            "forward without gradients, e.g. generate(), ran before injection). A repacked layer passes no gradient "
+            "to its input, so GOAT put them back in the standard 4-bit layout, with the same values (bf16 block "
+            "scales, as the repacking rounded them): %s",
+            len(repacked),
+            ", ".join(repacked),
+        )
+    base_settings = {name: hold_standard_layout(layer.base_layer) for name, layer in layers.items()}
     model.requires_grad_(False)
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
         layer.train(layer.base_layer.training)  # a new module is in train mode: in an eval model, dropout would run
         setattr(model.get_submodule(parent_name), child, layer)
+    base_heads = {}
     for name in modules_to_save:
-        model.get_submodule(name).requires_grad_(True)
-    goat = list(layers.values())
-    hook = model.register_forward_pre_hook(_token_mask_hook(goat), with_kwargs=True)
-    model.goat_state = GoatState(config, list(modules_to_save), trainable_before, hook)
+        head = model.get_submodule(name)
+        head.requires_grad_(True)
+        base_heads[name] = {key: value.detach().clone() for key, value in head.state_dict().items()}
+    hook = model.register_forward_pre_hook(_token_mask_hook(model, list(layers.values())), with_kwargs=True)
+    model.goat_state = GoatState(config, list(modules_to_save), trainable_before, hook, base_heads, base_settings)
 
 
-def _token_mask_hook(layers: list[GoatLinear]):
-    """Hands the batch's 2-D attention mask to every layer so that the balance loss skips padding."""
+MASK_ARGUMENTS = ("attention_mask", "decoder_attention_mask")
+
+
+def _token_mask_hook(model: nn.Module, layers: list[GoatLinear]):
+    """Hands the batch's 2-D padding mask to the layers so that the balance loss skips padding.
+
+    The mask is read by keyword or by position. In an encoder-decoder, the encoder's layers get
+    `attention_mask` and the decoder's `decoder_attention_mask` (None: every target token counts), whatever
+    the two lengths; each layer then applies it only to an input of the mask's shape (see GoatLinear).
+    """
+    positions = _argument_positions(model.forward, MASK_ARGUMENTS)
+    encoder = model.get_encoder() if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else None
+    in_encoder = {id(module) for module in encoder.modules()} if encoder is not None and encoder is not model else None
+    groups = {"attention_mask": layers}
+    if in_encoder is not None:
+        groups = {
+            "attention_mask": [layer for layer in layers if id(layer) in in_encoder],
+            "decoder_attention_mask": [layer for layer in layers if id(layer) not in in_encoder],
+        }
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        mask = kwargs.get("attention_mask")
-        # converted once here rather than in each of the layers
-        mask = mask.to(torch.float32) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        for layer in layers:
-            layer.token_mask = mask
+        for name, group in groups.items():
+            mask = kwargs.get(name)
+            if mask is None and name in positions and positions[name] < len(args):
+                mask = args[positions[name]]
+            # converted once here rather than in each of the layers
+            mask = mask.to(torch.float32) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            for layer in group:
+                layer.token_mask = mask
 
     return hook
+
+
+def _argument_positions(forward, names: tuple[str, ...]) -> dict[str, int]:
+    """Positions of `names` among the leading positional parameters of `forward` (for `model(ids, mask)`)."""
+    positions = {}
+    for index, parameter in enumerate(inspect.signature(forward).parameters.values()):
+        if parameter.kind not in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            break
+        if parameter.name in names:
+            positions[parameter.name] = index
+    return positions
 
 
 def goat_layers(model: nn.Module) -> dict[str, GoatLinear]:
@@ -134,8 +181,8 @@ def find_target_linears(model: nn.Module, config: GoatConfig, heads: list[str]) 
         if name and not any(p.match(name) for p in in_head) and module is not output
     }
     spec = config.target_modules
-    if spec == "all-linear":
-        targets = {name: m for name, m in candidates.items() if isinstance(m, nn.Linear)}
+    if spec == "all-linear":  # quantized layers of other libraries too, to refuse them by name below
+        targets = {name: m for name, m in candidates.items() if isinstance(m, nn.Linear) or looks_quantized(m)}
     elif isinstance(spec, list):
         targets = {n: m for n, m in candidates.items() if any(n == t or n.endswith("." + t) for t in spec)}
     else:
@@ -146,6 +193,9 @@ def find_target_linears(model: nn.Module, config: GoatConfig, heads: list[str]) 
             f"target_modules={spec!r} matches no module of {type(model).__name__} (the task head and output "
             f"embeddings are never targets). Its Linear layers are named: {', '.join(linear_names) or 'none'}."
         )
+    require_whole_weights(targets)  # first: a sharded weight would read as an unknown quantized one below
+    for name, module in targets.items():
+        check_base_layer(name, module)
     not_linear = {name: type(m).__name__ for name, m in targets.items() if not isinstance(m, nn.Linear)}
     if not_linear:
         name, kind = next(iter(not_linear.items()))
@@ -157,17 +207,58 @@ def find_target_linears(model: nn.Module, config: GoatConfig, heads: list[str]) 
 
 
 @contextlib.contextmanager
+def trainer_accepts_quantized_base(model: nn.Module) -> Iterator[None]:
+    """While a transformers Trainer is built: let it accept a quantized base that carries GOAT layers.
+
+    Trainer refuses a quantized model without adapters ("purely quantized"), and it knows adapters only by PEFT's
+    `_hf_peft_config_loaded` flag; the flag is raised just for the check, since save_pretrained reads it too.
+    """
+    raise_flag = getattr(model, "is_quantized", False) and getattr(model, "goat_state", None) is not None
+    previous = getattr(model, "_hf_peft_config_loaded", False)
+    if raise_flag:
+        model._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        if raise_flag:
+            model._hf_peft_config_loaded = previous
+
+
+def keep_goat_in_fp32(model: nn.Module) -> None:
+    """Cast the experts and routers back to fp32 (DESIGN §2), e.g. after TRL cast a quantized model's trainable
+    parameters to bf16, as QLoRA does for LoRA."""
+    for layer in goat_layers(model).values():
+        for param in (layer.expert_A, layer.expert_B, layer.router.weight):
+            param.data = param.data.to(torch.float32)
+
+
+@contextlib.contextmanager
 def disable_goat(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model inside this block: every GOAT layer returns W0 x exactly."""
+    """Run the base model inside this block, as PEFT's `disable_adapter()`: every GOAT layer returns W0 x
+    exactly and every `modules_to_save` (the trained task head) holds the base's own weights again."""
     layers = goat_layers(model).values()
     previous = [layer.adapter_enabled for layer in layers]
     for layer in layers:
         layer.adapter_enabled = False
+    swapped = _swap_heads(model)
     try:
         yield model
     finally:
+        for tensor, trained in swapped:
+            tensor.data = trained
         for layer, enabled in zip(layers, previous, strict=True):
             layer.adapter_enabled = enabled
+
+
+def _swap_heads(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Point each head tensor at the base's copy (on its device and dtype); returns (tensor, trained data)."""
+    state = getattr(model, "goat_state", None)
+    swapped = []
+    for name, base in (state.base_heads if state is not None else {}).items():
+        for key, tensor in model.get_submodule(name).state_dict(keep_vars=True).items():
+            swapped.append((tensor, tensor.data))
+            tensor.data = base[key].to(device=tensor.device, dtype=tensor.dtype)
+    return swapped
 
 
 def unload_goat(model: nn.Module) -> nn.Module:
@@ -179,6 +270,7 @@ def unload_goat(model: nn.Module) -> nn.Module:
     for name, layer in goat_layers(model).items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer.base_layer)
+        release_standard_layout(layer.base_layer, state.base_settings.get(name))
     state.mask_hook.remove()
     for name, param in model.named_parameters():
         param.requires_grad_(name in state.trainable_before)

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
 from .adapter_io import CONFIG_NAME, adapter_metadata, read_adapter_config
 from .config import GoatConfig
-from .heatmap import draw_load_heatmap
+from .heatmap import PILLOW_MISSING, draw_load_heatmap
 from .routing_health import load_summary
+
+logger = logging.getLogger(__name__)
 
 TEMPLATE = Path(__file__).parent / "model_cards" / "goat_adapter.md"
 CARD_NAME = "README.md"
@@ -26,8 +31,17 @@ PIPELINES = {
     "ForTokenClassification": "token-classification",
 }
 HYPERPARAMETERS = (
-    "learning_rate", "router_learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "seed",
+    "learning_rate",
+    "router_learning_rate",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "max_steps",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "optim",
+    "seed",
 )
 
 
@@ -42,19 +56,32 @@ def write_model_card(
     base_model: str | None = None,
     tags: list[str] | None = None,
     model_name: str | None = None,
+    eval_dataset_name: str | None = None,
 ) -> Path:
     """Write README.md for the adapter in `folder`; settings from the model, training facts from `trainer`.
 
     With the expert loads a GoatTrainer logged (`trainer.routing_loads`) the card shows them as a table and as
-    routing_heatmap.png, written beside it. `base_model` is the Hub id to link when the model's own
-    `_name_or_path` is a local folder.
+    routing_heatmap.png, written beside it (skipped, with a note, without Pillow). `base_model` is the Hub id
+    of the base, needed when the model's own `config._name_or_path` is a local folder; without one the card
+    says the base is local. `dataset_name` takes Hub dataset ids (listed as the card's `datasets`) or words
+    describing local data (named in the results only); `metrics` add to the evaluation metrics the trainer
+    logged, which become the Hub's `model-index`, on `eval_dataset_name` (default: the first of `dataset_name`).
     """
     loads = getattr(trainer, "routing_loads", None)
     missing = "no GoatTrainer logged them for this card (it records them at each logging step)"
-    meta = adapter_metadata(model, fingerprints=False)  # gathers nothing: rank 0 alone writes it under FSDP2/ZeRO-3
     return _write_card(
-        meta, Path(folder), trainer, loads, missing, dataset_name=dataset_name, metrics=metrics,
-        license=license, base_model=base_model, tags=tags, model_name=model_name,
+        adapter_metadata(model),
+        Path(folder),
+        trainer,
+        loads,
+        missing,
+        dataset_name=dataset_name,
+        metrics=metrics,
+        license=license,
+        base_model=base_model,
+        tags=tags,
+        model_name=model_name,
+        eval_dataset_name=eval_dataset_name,
     )
 
 
@@ -75,8 +102,16 @@ def write_model_card_for_folder(
     folder = Path(folder)
     missing = f"this card was written from {CONFIG_NAME}, which does not record them"
     return _write_card(
-        read_adapter_config(folder), folder, None, None, missing, dataset_name=dataset_name, metrics=metrics,
-        license=license, base_model=base_model, tags=tags,
+        read_adapter_config(folder),
+        folder,
+        None,
+        None,
+        missing,
+        dataset_name=dataset_name,
+        metrics=metrics,
+        license=license,
+        base_model=base_model,
+        tags=tags,
     )
 
 
@@ -93,37 +128,38 @@ def _write_card(
     base_model: str | None,
     tags: list[str] | None,
     model_name: str | None = None,
+    eval_dataset_name: str | None = None,
 ) -> Path:
     config = GoatConfig.from_dict(meta["config"])
     architecture = meta["base_model"]["architecture"]
     pipeline_tag = next((tag for suffix, tag in PIPELINES.items() if architecture.endswith(suffix)), None)
     base_model = base_model or _hub_id(meta["base_model"].get("name_or_path"))
     metrics = {**_trainer_metrics(trainer), **(metrics or {})}
-    dataset_name = dataset_name or getattr(getattr(trainer, "args", None), "dataset_name", None)
-    datasets = [dataset_name] if isinstance(dataset_name, str) else dataset_name or None
+    dataset_names = _as_list(dataset_name or getattr(getattr(trainer, "args", None), "dataset_name", None))
+    eval_dataset_name = eval_dataset_name or (dataset_names[0] if dataset_names else None)
+    dataset_names += [eval_dataset_name] if eval_dataset_name and eval_dataset_name not in dataset_names else []
+    hub_datasets = [name for name in dataset_names if _hub_id(name)]
     card_data = ModelCardData(
         base_model=base_model,
         library_name="goat_hf",
         license=license,
         tags=list(dict.fromkeys([*BASE_TAGS, *([pipeline_tag] if pipeline_tag else []), *(tags or [])])),
-        datasets=datasets,
-        metrics=sorted({_metric_type(key) for key in metrics if key.startswith("eval_")}) or None,
+        datasets=hub_datasets or None,
+        metrics=sorted({_metric_type(key) for key in _eval_metrics(metrics)}) or None,
         pipeline_tag=pipeline_tag,
         model_name=model_name or folder.resolve().name,
-        eval_results=_eval_results(metrics, datasets[0] if datasets else None, pipeline_tag),
+        eval_results=_eval_results(metrics, eval_dataset_name, pipeline_tag),
     )
     layers = meta["layers"].values()
-    heatmap = None
     folder.mkdir(parents=True, exist_ok=True)
-    if loads:
-        draw_load_heatmap(loads, folder / HEATMAP_NAME)
-        heatmap = HEATMAP_NAME
+    heatmap, heatmap_note = _heatmap(loads, folder)
     card = ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),
         title=f"GOAT adapter for {base_model or architecture}",
-        base_model=base_model or architecture,
-        base_model_url=f"https://huggingface.co/{base_model}" if base_model else "#",
+        base_model=base_model,
+        architecture=architecture,
+        local_datasets=[name for name in dataset_names if name not in hub_datasets],
         num_experts=config.num_experts,
         top_k=config.top_k,
         r=config.r,
@@ -146,6 +182,7 @@ def _write_card(
         routing_rows=_routing_rows(loads),
         missing_loads=missing_loads,
         heatmap=heatmap,
+        heatmap_note=heatmap_note,
         usage=_usage(architecture, base_model),
         versions=_versions(),
     )
@@ -154,11 +191,31 @@ def _write_card(
     return path
 
 
-def _hub_id(name_or_path: str | None) -> str | None:
-    """A base given as a local folder has no Hub id to link to."""
-    if not name_or_path or os.path.isabs(name_or_path) or os.path.exists(name_or_path):
+def _hub_id(name: str | None) -> str | None:
+    """`name` when it is a Hub id (namespace/name); None for a local folder, a path or free words."""
+    if not name or os.path.isabs(name) or os.path.exists(name):
         return None
-    return name_or_path
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def _as_list(names: str | list[str] | None) -> list[str]:
+    return [names] if isinstance(names, str) else list(names or [])
+
+
+def _heatmap(loads: dict[str, list[float]] | None, folder: Path) -> tuple[str | None, str | None]:
+    """(file name, None) once the heatmap is drawn; (None, why) when it cannot be."""
+    if not loads:
+        return None, None
+    try:
+        draw_load_heatmap(loads, folder / HEATMAP_NAME)
+    except ImportError:
+        logger.info("%s; the model card in %s has the load table only.", PILLOW_MISSING, folder)
+        return None, f"{PILLOW_MISSING}; this card has the table only"
+    return HEATMAP_NAME, None
 
 
 def _trainer_metrics(trainer: Any) -> dict[str, float]:
@@ -169,18 +226,35 @@ def _trainer_metrics(trainer: Any) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if not k.endswith(("_runtime", "_per_second"))}
 
 
+def _eval_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The evaluation scores worth a model-index entry: eval_* numbers but the loss and the epoch."""
+    skip = ("eval_loss", "eval_epoch", "eval_aux_loss", "eval_task_loss")
+    return {
+        key: value
+        for key, value in metrics.items()
+        if key.startswith("eval_") and key not in skip and isinstance(value, (int, float))
+    }
+
+
 def _metric_type(key: str) -> str:
     return key.removeprefix("eval_")
 
 
 def _eval_results(metrics: dict[str, float], dataset: str | None, pipeline_tag: str | None) -> list | None:
+    """The Hub's model-index: one result per metric, on `dataset` (a Hub id, or words naming local data)."""
+    if not dataset:
+        return None
     results = [
-        EvalResult(task_type=pipeline_tag or "other", dataset_type=dataset, dataset_name=dataset,
-                   metric_type=_metric_type(key), metric_value=value)
-        for key, value in metrics.items()
-        if key.startswith("eval_") and key != "eval_loss" and isinstance(value, (int, float))
+        EvalResult(
+            task_type=pipeline_tag or "other",
+            dataset_type=_hub_id(dataset) or "local",
+            dataset_name=dataset,
+            metric_type=_metric_type(key),
+            metric_value=value,
+        )
+        for key, value in _eval_metrics(metrics).items()
     ]
-    return results if results and dataset else None
+    return results or None
 
 
 def _hyperparameters(trainer: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from .model import keep_goat_in_fp32
 from .trainer import GoatTrainerMixin
 from .training_args import GoatTrainingArguments
 
@@ -40,6 +41,7 @@ class GoatSFTTrainer(GoatTrainerMixin, SFTTrainer):
             init_kwargs = getattr(args, "model_init_kwargs", None) or {}
             model = AutoModelForCausalLM.from_pretrained(model, **init_kwargs)
         super().__init__(model, args, *rest, **kwargs)
+        keep_goat_in_fp32(self.model)  # SFTTrainer casts a quantized model's trainable parameters to bf16
 
     def _loss_uses_num_items_in_batch(self, model: nn.Module) -> bool:
         return True  # SFTTrainer divides its token loss by num_items_in_batch itself

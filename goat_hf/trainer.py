@@ -10,15 +10,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 from transformers.trainer import is_optimizer_factory
 
 from .adapter_io import restore_goat_weights, save_goat_adapter
+from .checkpoints import checkpoint_problem, last_complete_checkpoint
 from .config import GoatConfig
-from .model import get_goat_model, goat_layers, parameter_kind
+from .model import get_goat_model, goat_layers, parameter_kind, trainer_accepts_quantized_base
 from .model_card import write_model_card
 from .routing_health import load_summary
+from .routing_trackers import RoutingTrackerCallback
+from .step_guard import NonFiniteGuard
 from .trainer_hub import GoatHubMixin
 from .trainer_sharding import GoatShardedCheckpointMixin
 from .training_args import GoatTrainingArguments
@@ -26,6 +29,13 @@ from .training_args import GoatTrainingArguments
 logger = logging.getLogger(__name__)
 
 TRAINING_ARGS_NAME = "training_args.bin"
+# transformers 5.24 renamed gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs) and warns on the old
+# names; 5.0-5.23 know only the old ones. (Both attributes mirror each other once the arguments are built.)
+CHECKPOINTING_FLAG = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing"
+)
 
 
 class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
@@ -50,11 +60,16 @@ class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
         if getattr(model, "goat_state", None) is None:
             get_goat_model(model, config)
             logger.info("Injected GOAT layers: %s", config)
-        super().__init__(model, args, *rest, **kwargs)
+        with trainer_accepts_quantized_base(model):
+            super().__init__(model, args, *rest, **kwargs)
         self._goat_layers = list(goat_layers(self.model).values())
         self._goat_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._warned_no_aux_gradient = False
         self.routing_loads: dict[str, list[float]] = {}  # last logged per-layer expert load shares
+        self.routing_aux: dict[str, float] = {}  # last logged per-layer balance loss / k (1.0 = balanced)
+        self.add_callback(RoutingTrackerCallback(self))  # routing heatmap and per-layer loads in the trackers
+        self.nonfinite_guard = NonFiniteGuard(self, getattr(self.args, "on_nonfinite", "stop"))
+        self.add_callback(self.nonfinite_guard)
 
     # ---- set-up ----
 
@@ -83,11 +98,17 @@ class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
         if getattr(args, "gradient_checkpointing", False) and kwargs.get("use_reentrant") and self.aux_loss_coef:
             raise ValueError(
                 "Reentrant activation checkpointing runs the forward under no_grad, so the balance loss would never "
-                "reach the routers. Use gradient_checkpointing_kwargs={'use_reentrant': False} (the default), or "
+                f"reach the routers. Use {CHECKPOINTING_FLAG}_kwargs={{'use_reentrant': False}} (the default), or "
                 "aux_loss_coef=0 to train without the balance loss."
             )
 
     # ---- loss ----
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.nonfinite_guard.record_loss(loss)  # checked with the gradients before the optimizer step
+        return loss
 
     def _loss_uses_num_items_in_batch(self, model: nn.Module) -> bool:
         """Whether the task loss really divides by `num_items_in_batch` (then it is already scaled for GA).
@@ -135,12 +156,21 @@ class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
     # ---- metrics (collected per step, merged into the logs) ----
 
     def _collect_metrics(self, task_loss: torch.Tensor, aux: torch.Tensor, records: list) -> None:
+        """Per step: the task loss, the balance loss per layer over k (1.0 = balanced) and the expert loads."""
         self._goat_metrics["task_loss"].append(task_loss.float())
-        self._goat_metrics["aux_loss"].append(aux.float())
+        top_k = self._goat_layers[0].top_k if self._goat_layers else 1
+        self._goat_metrics["aux_loss"].append(aux.float() / (top_k * max(len(records), 1)))  # mean over layers
         if records and len(records) == len(self._goat_layers):
+            self._goat_metrics["layer_aux"].append(torch.stack([r.balance_loss.detach() for r in records]) / top_k)
             self._goat_metrics["loads"].append(torch.stack([record.expert_load for record in records]))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Merge the GOAT metrics of the steps since the last log into a training log line (TRL's way).
+
+        `aux_loss` is each layer's balance loss E·Σ f·P divided by k, averaged over the layers: 1.0 is balanced
+        routing, whatever the number of layers. The loss term is aux_loss_coef · Σ_layers E·Σ f·P, that is
+        aux_loss_coef · k · (number of layers) · aux_loss. Per-layer values go to the trackers (routing_trackers).
+        """
         if "loss" in logs and self._goat_metrics:
             metrics = {key: torch.stack(values).mean(0) for key, values in self._goat_metrics.items()}
             metrics = {key: self.accelerator.reduce(value, reduction="mean") for key, value in metrics.items()}
@@ -149,6 +179,7 @@ class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
             if "loads" in metrics:
                 names = list(goat_layers(self.accelerator.unwrap_model(self.model)))
                 self.routing_loads = dict(zip(names, metrics["loads"].tolist(), strict=True))
+                self.routing_aux = dict(zip(names, metrics["layer_aux"].tolist(), strict=True))
                 logs.update({f"router_{k}": round(v, 4) for k, v in load_summary(metrics["loads"]).items()})
             self._goat_metrics.clear()
         super().log(logs, start_time)
@@ -206,12 +237,28 @@ class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
         save_goat_adapter(model, output_dir, is_main_process=self.args.should_save)
         if not self.args.should_save:
             return
-        write_model_card(model, output_dir, trainer=self)
+        try:  # the card only decorates the checkpoint: it must never end a run
+            write_model_card(model, output_dir, trainer=self)
+        except Exception as error:  # noqa: BLE001 - any failure of a decoration is logged, not raised
+            logger.warning("No model card in %s (%s: %s); the adapter and the rest are saved.", output_dir,
+                           type(error).__name__, error)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """Trainer.train; `resume_from_checkpoint=True` resumes from the last *complete* checkpoint."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        problem = checkpoint_problem(resume_from_checkpoint)
+        if problem is not None:
+            raise ValueError(
+                f"Cannot resume from {resume_from_checkpoint}: {problem}. Name a complete checkpoint, or pass "
+                "resume_from_checkpoint=True to take the last complete one."
+            )
         restore_goat_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
 
     def _load_best_model(self) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .config import GoatConfig
+from .step_guard import NONFINITE_MODES, NonFiniteMode, check_nonfinite_mode
 
 # GoatConfig fields whose Python type HfArgumentParser cannot parse, with the command-line type used instead.
 _CLI_TYPES: dict[str, Any] = {"scaling": str, "target_modules": list[str], "modules_to_save": list[str] | None}
@@ -47,6 +48,7 @@ def _to_goat_config(self: TrainingArguments) -> GoatConfig:
 
 def _post_init(self: TrainingArguments) -> None:
     TrainingArguments.__post_init__(self)
+    check_nonfinite_mode(self.on_nonfinite)
     self.to_goat_config()  # fail at parse time, with GoatConfig's message, not at the first step
 
 
@@ -63,6 +65,18 @@ GoatTrainingArguments = dataclasses.make_dataclass(
             "router_weight_decay",
             float,
             dataclasses.field(default=0.0, metadata={"help": "Weight decay of the routers (none by default)."}),
+        ),
+        (
+            "on_nonfinite",
+            NonFiniteMode,
+            dataclasses.field(
+                default="stop",
+                metadata={
+                    "help": "A step whose loss or gradients hold NaN or inf: 'stop' raises an error naming the step "
+                    "(before the adapters take it); 'skip' skips that step with a warning.",
+                    "choices": NONFINITE_MODES,
+                },
+            ),
         ),
     ],
     bases=(TrainingArguments,),

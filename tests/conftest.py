@@ -19,7 +19,7 @@ from transformers import (  # noqa: E402
     RobertaForSequenceClassification,
 )
 
-from goat_hf import GoatLinear, goat_layers  # noqa: E402
+from goat_hf import GoatConfig, GoatLinear, goat_layers  # noqa: E402
 
 SEED = 1234
 VOCAB = 100
@@ -103,13 +103,51 @@ def classifier_factory():
     return tiny_classifier
 
 
+@pytest.fixture
+def make_model():
+    """make(kind): a tiny "causal-lm" Llama, or a "bert-cls" / "roberta-cls" sequence classifier."""
+
+    def make(kind: str = "causal-lm"):
+        return tiny_llama() if kind == "causal-lm" else tiny_classifier(kind.removesuffix("-cls"))
+
+    return make
+
+
+def svd_residual(weight: torch.Tensor, config: GoatConfig, seed: int = 0) -> torch.Tensor:
+    """W_res = W0 - (c/rho) * sum_j U_j S_j V_j^T (fp64), from an SVD of W0 computed here, with the segments of
+    DESIGN §2 written out (for init="random" the starts a Generator seeded with `seed` draws first); W0 for "zero"."""
+    W0 = weight.detach().to(torch.float64)
+    if config.init == "zero":
+        return W0
+    U, S, Vh = torch.linalg.svd(W0, full_matrices=False)
+    h, E, d, r = S.shape[0], config.num_experts, config.expert_rank, config.r
+    t = h // E
+    starts = {
+        "goat": [j * t for j in range(E)],
+        "goat_mini": [(j + 1) * t - d for j in range(E)],
+        "pissa": [j * d for j in range(E)],
+        "milora": [h - r + j * d for j in range(E)],
+    }.get(config.init)
+    if starts is None:  # "random": the first draw of the seeded generator, as GoatLinear.from_linear makes it
+        starts = torch.randint(0, h - d + 1, (E,), generator=torch.Generator().manual_seed(seed)).tolist()
+    index = torch.cat([torch.arange(start, start + d) for start in starts])
+    c = 1.0 / E if config.init_cof is None else config.init_cof
+    return W0 - (c / config.rho) * (U[:, index] * S[index]) @ Vh[index]
+
+
 def reference_goat_forward(
-    layer: GoatLinear, x: torch.Tensor, expert_inputs: list[torch.Tensor] | None = None
+    layer: GoatLinear,
+    x: torch.Tensor,
+    W_res: torch.Tensor,
+    expert_inputs: list[torch.Tensor] | None = None,
+    token_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GOAT written straight from DESIGN §2, one token and one expert at a time: (y, balance loss).
 
-        y = W_res x + sum_{j in top-k} w_j * s * B_j A_j x_j,   W_res = W0 - c * s * sum_j B0_j A0_j
+        y = W_res x + sum_{j in top-k} w_j * s * B_j A_j x_j
 
+    `W_res` comes from the caller (e.g. `svd_residual`), never from the layer's own residual buffers; the balance
+    loss counts the tokens where `token_mask` ([..] over x.shape[:-1]) is 1, all of them by default.
     `expert_inputs[j]` ([T, n]) is what expert j sees (dropout(x)); default x itself. Computed in fp64 and
     differentiable w.r.t. the layer's expert_A, expert_B and router.weight. The output is cast like the
     layer's: the base output W0 x (+ bias) in the base dtype plus the rest cast to the base dtype.
@@ -122,12 +160,7 @@ def reference_goat_forward(
     tokens = x.reshape(-1, n).to(cdt)  # [T, n]
     W0 = base.weight.detach().to(cdt)  # [m, n]
     bias = base.bias.detach().to(cdt) if base.bias is not None else torch.zeros(m, dtype=cdt)
-
-    W_res = W0.clone()
-    if layer.residual_A is not None:  # init "zero" has no residual
-        A0, B0 = layer.residual_A.to(cdt), layer.residual_B.to(cdt)
-        for j in range(E):
-            W_res = W_res - layer.init_cof * s * B0[:, j * d : (j + 1) * d] @ A0[j * d : (j + 1) * d]
+    W_res = W_res.to(cdt)
 
     A, B, router = layer.expert_A.to(cdt), layer.expert_B.to(cdt), layer.router.weight.to(cdt)
     inputs = [tokens] * E if expert_inputs is None else [xj.reshape(-1, n).to(cdt) for xj in expert_inputs]
@@ -149,9 +182,7 @@ def reference_goat_forward(
     out = base_out.to(dtype) + (y_full - base_out).to(dtype)
     out = out.reshape(*x.shape[:-1], m)
 
-    real = torch.ones(tokens.shape[0], dtype=cdt)
-    if layer.token_mask is not None and layer.token_mask.numel() == tokens.shape[0]:
-        real = layer.token_mask.reshape(-1).to(cdt)
+    real = torch.ones(tokens.shape[0], dtype=cdt) if token_mask is None else token_mask.reshape(-1).to(cdt)
     f = sum(real[t] * picks[t] for t in range(len(picks))) / real.sum()  # [E] picks per real token
     P = sum(real[t] * probs[t] for t in range(len(probs))) / real.sum()  # [E] mean probability
     balance = E * sum(f[j] * P[j] for j in range(E))

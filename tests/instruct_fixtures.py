@@ -8,7 +8,7 @@ from pathlib import Path
 from conftest import tiny_llama
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from goat_hf.assets import smollm2_path
+from goat_hf.tasks.assets import smollm2_path
 
 
 @functools.cache

@@ -97,7 +97,10 @@ def test_adapter_files(tmp_path):
     assert meta["base_model"]["model_type"] == "bert"
     layer = meta["layers"]["bert.encoder.layer.0.intermediate.dense"]
     assert (layer["in_features"], layer["out_features"], layer["residual"]) == (64, 128, True)
-    assert layer["base_dtype"] == "float32" and len(layer["base_fingerprint"]) == 4
+    assert set(layer) == {"in_features", "out_features", "scaling", "residual"}
+    assert meta["base_tensors"]["bert.encoder.layer.0.intermediate.dense.weight"]["shape"] == [128, 64]
+    assert "bert.embeddings.word_embeddings.weight" in meta["base_tensors"]  # not only the adapted Linears
+    assert not any(name.startswith("classifier.") for name in meta["base_tensors"])  # the head is in the file
     tensors = load_file(folder / WEIGHTS_NAME)
     name = "bert.encoder.layer.0.intermediate.dense"
     assert {k.removeprefix(name + ".") for k in tensors if k.startswith(name + ".")} == {
@@ -134,8 +137,8 @@ def test_wrong_base_weights_are_refused(tmp_path):
     other = tiny_llama(seed=1)
     with pytest.raises(
         GoatAdapterError,
-        match=r"Layer 'model\.layers\.0\.self_attn\.q_proj' has other weights than "
-        r"the base this adapter was trained on",
+        match=r"Base tensor 'model\.embed_tokens\.weight' \(and 15 more\) has other values than "
+        r"the base this adapter was trained on \(the adapter was made for LlamaForCausalLM\)",
     ):
         load_goat_adapter(other, folder)
     assert not goat_layers(other) and not hasattr(other, "goat_state")
@@ -225,13 +228,17 @@ def test_missing_config_is_refused(saved, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "text",
-    ['{"format_version": 1, "config": {', "[1, 2]", '{"config": {}}'],
+    ("text", "message"),
+    [
+        ('{"format_version": 2, "config": {', r"goat_config\.json is corrupt \(Expecting"),
+        ("[1, 2]", r"goat_config\.json is corrupt: it holds a JSON list, not an object"),
+        ('{"config": {}}', r"goat_config\.json is corrupt: field 'format_version' is missing"),
+    ],
     ids=["bad-syntax", "not-an-object", "no-version"],
 )
-def test_corrupt_config_is_refused(saved, text):
+def test_corrupt_config_is_refused(saved, text, message):
     (saved / CONFIG_NAME).write_text(text)
-    with pytest.raises(GoatAdapterError, match=r"goat_config\.json is corrupt .*save or download the adapter again"):
+    with pytest.raises(GoatAdapterError, match=message + r".*[Ss]ave or download the adapter again"):
         load_goat_adapter(tiny_llama(seed=0), saved)
 
 
@@ -242,7 +249,7 @@ def test_newer_format_version_is_refused(saved):
     with pytest.raises(
         GoatAdapterError,
         match=rf"has adapter format version {FORMAT_VERSION + 1}, newer than this "
-        r"goat_hf .* reads \(<= 1\); upgrade goat_hf",
+        rf"goat_hf .* reads \(<= {FORMAT_VERSION}\); upgrade goat_hf",
     ):
         load_goat_adapter(tiny_llama(seed=0), saved)
 
@@ -258,6 +265,12 @@ def test_config_fields_from_a_newer_goat_hf_are_refused(saved):
 def test_weights_that_do_not_match_the_config_are_refused(saved, tmp_path):
     other = save_goat_adapter(trained(tiny_llama(seed=0), GoatConfig(r=8, num_experts=2)), tmp_path / "other")
     (saved / WEIGHTS_NAME).write_bytes((other / WEIGHTS_NAME).read_bytes())
+    with pytest.raises(GoatAdapterError, match="is incomplete: goat_adapter.safetensors comes from another save"):
+        load_goat_adapter(tiny_llama(seed=0), saved)
+    meta = json.loads((saved / CONFIG_NAME).read_text())  # a config edited to vouch for the other weights
+    other_meta = json.loads((other / CONFIG_NAME).read_text())
+    meta["save_id"], meta["weights_sha256"] = other_meta["save_id"], other_meta["weights_sha256"]
+    (saved / CONFIG_NAME).write_text(json.dumps(meta))
     message = (
         r"goat_adapter\.safetensors does not match its goat_config\.json: "
         r"'model\.layers\.0\.self_attn\.q_proj\.expert_A' is of shape \(8, 64\), expected \(16, 64\)"

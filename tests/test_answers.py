@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from goat_hf.answers import (
+from goat_hf.tasks.answers import (
     COMMONSENSE_TASKS,
     answer_words,
     choice_correct,

@@ -5,6 +5,7 @@ The 2-process gathering itself is tested end to end in test_fsdp2.py and test_de
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -16,7 +17,8 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from goat_hf import GoatConfig, get_goat_model
+from goat_hf import GoatAdapterError, GoatConfig, get_goat_model, save_goat_adapter
+from goat_hf.adapter_io import CONFIG_NAME, restore_goat_weights
 from goat_hf.distributed import copy_full_, full_tensor, is_zero3_partitioned
 
 
@@ -72,3 +74,31 @@ def test_injection_refuses_a_zero3_partitioned_weight(process_group, monkeypatch
     with pytest.raises(ValueError, match=r"'0' has a sharded weight, a DeepSpeed ZeRO-3 partition .*zero3_init_flag"):
         get_goat_model(model, GoatConfig(target_modules=["0"], modules_to_save=[]))
     assert full_tensor(weight).shape == (64, 64) and weight.numel() == 0  # gathered whole, then released
+
+
+def shard_every_parameter(model: nn.Module, mesh) -> None:
+    """Every parameter a DTensor sharded by rows, as FSDP2's fully_shard leaves them."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            sharded = distribute_tensor(param.detach(), mesh, [Shard(0)])
+            setattr(module, name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+
+
+def test_base_fingerprints_of_dtensors_are_those_of_the_whole_tensors(process_group, tmp_path):
+    model = get_goat_model(tiny_llama(), GoatConfig(r=8, num_experts=4, top_k=2))
+    save_goat_adapter(model, tmp_path / "plain")
+    shard_every_parameter(model, process_group)
+    assert isinstance(model.model.layers[0].self_attn.q_proj.base_layer.weight, DTensor)
+
+    save_goat_adapter(model, tmp_path / "sharded")
+    plain, sharded = (json.loads((tmp_path / run / CONFIG_NAME).read_text()) for run in ("plain", "sharded"))
+    assert sharded["base_tensors"].keys() == plain["base_tensors"].keys()
+    for name, record in plain["base_tensors"].items():
+        assert sharded["base_tensors"][name]["shape"] == record["shape"], name
+        assert sharded["base_tensors"][name]["fingerprint"] == pytest.approx(record["fingerprint"], rel=1e-6), name
+    restore_goat_weights(model, tmp_path / "plain")  # the check at load reads the sharded base too
+
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.base_layer.weight.add_(0.01)
+    with pytest.raises(GoatAdapterError, match=r"'model.layers.1.mlp.down_proj.weight' has other values"):
+        restore_goat_weights(model, tmp_path / "plain")

@@ -8,8 +8,8 @@ from instruct_fixtures import smollm2_tokenizer, tiny_instruct_llama
 from trainer_fixtures import single_thread
 
 from goat_hf import GoatConfig, get_goat_model
-from goat_hf.generation import generate_responses
-from goat_hf.instruction_data import alpaca_prompt
+from goat_hf.tasks.generation import generate_responses
+from goat_hf.tasks.instruction_data import alpaca_prompt
 
 one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 

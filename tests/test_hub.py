@@ -17,8 +17,8 @@ from huggingface_hub.utils import _http
 from PIL import Image
 from transformers import LlamaForCausalLM, TrainingArguments
 
-from goat_hf import GoatConfig, get_goat_model, save_goat_adapter, write_model_card
-from goat_hf.adapter_io import CONFIG_NAME, WEIGHTS_NAME, GoatAdapterError, load_goat_adapter
+from goat_hf import GoatConfig, get_goat_model, load_goat_adapter, save_goat_adapter, write_model_card
+from goat_hf.adapter_io import CONFIG_NAME, WEIGHTS_NAME, GoatAdapterError
 from goat_hf.hub import GoatHubError, load_goat_model, push_goat_adapter
 from goat_hf.model_card import CARD_NAME, HEATMAP_NAME
 

@@ -114,20 +114,27 @@ def test_zero_init_is_kaiming_a_and_zero_b():
 
 @pytest.mark.parametrize("init_cof", [None, 0.5])
 @pytest.mark.parametrize("init", ["goat", "goat_mini", "pissa", "milora", "random"])
-def test_residual_plus_experts_gives_back_w0(init, init_cof):
-    """W_res + c * s * sum_j B_j A_j == W0 at init, with W_res = W0 - c * s * residual_B @ residual_A."""
-    W0, *_ = known_svd()
+def test_residual_is_w0_minus_c_over_rho_times_the_segments_of_a_known_svd(init, init_cof):
+    """W_res = W0 - (c/rho) * sum_j U_j S_j V_j^T (Theorem 3.4 with s*B_j A_j = U_j S_j V_j^T / rho), read off the
+    layer's output with the experts' B at zero (y = W_res x): catches a wrong c, rho, segment or sign."""
+    W0, U, S, Vh = known_svd()
     base = nn.Linear(N, M, bias=False)
     with torch.no_grad():
         base.weight.copy_(W0)
-    config = GoatConfig(r=16, num_experts=8, top_k=2, init=init, init_cof=init_cof)
+    config = GoatConfig(r=16, num_experts=8, top_k=2, init=init, init_cof=init_cof, rho=7.0)
     layer = GoatLinear.from_linear(base, config, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer.expert_B.zero_()
+        W_res = layer(torch.eye(N)).double().T  # column i is W_res e_i
     c = 1 / 8 if init_cof is None else init_cof
-    assert layer.init_cof == c
-    W_res = base.weight.double() - c * layer.scaling * layer.residual_B.double() @ layer.residual_A.double()
-    experts = sum(expert_products(layer.expert_A, layer.expert_B, layer.scaling, 8))
-    assert not torch.allclose(W_res, W0, atol=1e-3)
-    torch.testing.assert_close(W_res + c * experts, W0, rtol=0, atol=1e-5)
+    if init == "random":  # the starts GoatLinear.from_linear draws first from the generator
+        starts = segment_starts(H, config, torch.Generator().manual_seed(0))
+        indices = sum((list(range(start, start + 2)) for start in starts), [])
+    else:
+        indices = sum(expected_segments(init, 8, 16), [])
+    expected = W0 - c * triplet_product(U, S, Vh, indices, rho=7.0)
+    assert (W_res - W0).abs().max() > 1e-3  # the residual really differs from W0
+    torch.testing.assert_close(W_res, expected, rtol=0, atol=1e-5)
     assert torch.equal(base.weight, W0.float())  # W0 itself is not modified
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from goat_hf.instruction_data import alpaca_prompt, load_records, prompt_completion_dataset, to_prompt_completion
+from goat_hf.tasks.instruction_data import alpaca_prompt, load_records, prompt_completion_dataset, to_prompt_completion
 
 
 def test_alpaca_prompt_with_and_without_input():

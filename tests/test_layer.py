@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturb_, plain_linear_forward, reference_goat_forward
+from conftest import perturb_, plain_linear_forward, reference_goat_forward, svd_residual
 from torch import nn
 
 from goat_hf import GoatConfig, GoatLinear, disable_goat
@@ -20,6 +20,11 @@ INPUT_SHAPES = {"2d": (6, N_IN), "3d": (2, 5, N_IN)}
 RANK = {1: 4, 2: 8, 8: 16}  # total rank r per expert count (d = 4, 4, 2)
 
 
+def layer_config(init: str = "goat", num_experts: int = 2, top_k: int = 1, **config_kwargs) -> GoatConfig:
+    r = config_kwargs.pop("r", RANK[num_experts])
+    return GoatConfig(r=r, num_experts=num_experts, top_k=top_k, init=init, **config_kwargs)
+
+
 def make_layer(
     init: str = "goat",
     num_experts: int = 2,
@@ -29,10 +34,8 @@ def make_layer(
     **config_kwargs,
 ) -> GoatLinear:
     base = nn.Linear(N_IN, N_OUT, bias=bias).to(dtype).requires_grad_(False)  # frozen, as injection leaves it
-    config = GoatConfig(
-        r=config_kwargs.pop("r", RANK[num_experts]), num_experts=num_experts, top_k=top_k, init=init, **config_kwargs
-    )
-    return GoatLinear.from_linear(base, config, torch.Generator().manual_seed(0))
+    config = layer_config(init, num_experts, top_k, **config_kwargs)
+    return GoatLinear.from_linear(base, config, torch.Generator().manual_seed(0))  # seed 0: svd_residual's default
 
 
 def trained_like(layer: GoatLinear) -> GoatLinear:
@@ -60,7 +63,9 @@ def test_fused_forward_and_gradients_match_per_expert_reference(init, num_expert
 
     y = layer(x)
     balance = layer.routing.balance_loss
-    y_ref, balance_ref = reference_goat_forward(layer, x)
+    y_ref, balance_ref = reference_goat_forward(
+        layer, x, svd_residual(layer.base_layer.weight, layer_config(init, num_experts, top_k))
+    )
 
     assert y.dtype == dtype and y.shape == (*shape[:-1], N_OUT)
     if dtype == torch.float32:
@@ -129,7 +134,7 @@ def test_balance_loss_excludes_padding_tokens():
     torch.testing.assert_close(layer.routing.expert_load, unpadded_load)
     assert not torch.allclose(with_padding, unpadded)  # the padding would have changed it
     assert torch.equal(y_masked, y_all)  # the mask only affects the balance loss
-    _, reference = reference_goat_forward(layer, x)
+    _, reference = reference_goat_forward(layer, x, layer.base_layer.weight, token_mask=mask)  # W_res unused here
     torch.testing.assert_close(layer.routing.balance_loss.double(), reference, rtol=1e-6, atol=1e-7)
 
 
@@ -223,22 +228,24 @@ def test_dropout_mask_is_shared_by_the_experts():
     num_experts = 8
     layer = trained_like(make_layer("goat", num_experts, num_experts, lora_dropout=0.3)).train()
     x = torch.randn(6, N_IN)
+    W_res = svd_residual(layer.base_layer.weight, layer_config("goat", num_experts, num_experts))
 
     torch.manual_seed(5)
     y = layer(x)
     torch.manual_seed(5)
     shared = F.dropout(x, p=0.3, training=True)  # the one mask the layer drew
-    one_mask, _ = reference_goat_forward(layer, x, expert_inputs=[shared] * num_experts)
+    one_mask, _ = reference_goat_forward(layer, x, W_res, expert_inputs=[shared] * num_experts)
     torch.manual_seed(5)
     per_expert = [F.dropout(x, p=0.3, training=True) for _ in range(num_experts)]
-    many_masks, _ = reference_goat_forward(layer, x, expert_inputs=per_expert)
+    many_masks, _ = reference_goat_forward(layer, x, W_res, expert_inputs=per_expert)
 
     scale = y.abs().max().item()
     torch.testing.assert_close(y, one_mask.float(), rtol=1e-5, atol=1e-5 * scale)
     assert (y - many_masks.float()).abs().max() > 1e-3 * scale
 
     layer.eval()  # no dropout at eval: the plain reference
-    torch.testing.assert_close(layer(x), reference_goat_forward(layer, x)[0].float(), rtol=1e-5, atol=1e-5 * scale)
+    plain = reference_goat_forward(layer, x, W_res)[0].float()
+    torch.testing.assert_close(layer(x), plain, rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_dropout_does_not_touch_the_residual_path():
@@ -247,8 +254,9 @@ def test_dropout_does_not_touch_the_residual_path():
     with torch.no_grad():
         layer.expert_B.zero_()
     x = torch.randn(4, N_IN)
-    W_res = layer.base_layer.weight - layer.init_cof * layer.scaling * layer.residual_B @ layer.residual_A
-    expected = x @ W_res.T + layer.base_layer.bias
+    W_res = svd_residual(layer.base_layer.weight, layer_config("goat", 2, 1))
+    expected = (x.double() @ W_res.T + layer.base_layer.bias.double()).float()
+    assert not torch.allclose(expected, plain_linear_forward(layer.base_layer, x), atol=1e-3)  # W_res is not W0
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 

@@ -131,7 +131,7 @@ def test_mnli_is_evaluated_matched_and_mismatched(tmp_path, tiny_bert, run_glue,
 
 def test_no_arguments_mean_the_offline_demo(run_glue):
     model_args, data_args, training_args = run_glue.parse_arguments([])
-    assert model_args.model_name_or_path is None and data_args.name == run_glue.SYNTHETIC_TASK
+    assert model_args.model_name_or_path is None and data_args.name == run_glue.TWEET_TASK
     assert training_args.output_dir == "outputs/glue-demo"
     assert training_args.do_train and training_args.do_eval and not training_args.do_predict
 
@@ -161,3 +161,33 @@ def test_a_missing_split_is_named(run_glue):
         run_glue.split(data, "train", None)
     with pytest.raises(ValueError, match=r"needs a 'label' column; the data has test: \['sentence'\]"):
         run_glue.labelled_split(data)
+
+
+def test_offline_default_is_real_tweets_split_like_the_comparison(run_glue):
+    data = run_glue.tweet_sentiment()
+    assert {name: len(split) for name, split in data.items()} == {"train": 1500, "validation": 500, "test": 1000}
+    assert data["train"].features["label"].names == ["negative", "neutral", "positive"]
+    texts = {name: set(split["sentence"]) for name, split in data.items()}
+    assert not texts["train"] & texts["validation"] and not texts["train"] & texts["test"]
+    assert not texts["validation"] & texts["test"]
+    for split in data.values():  # every class is there, and no class is most of a split
+        shares = [split["label"].count(label) / len(split) for label in range(3)]
+        assert min(shares) > 0.1 and max(shares) < 0.6
+
+
+def test_compare_lora_prints_goat_lora_and_the_majority_rate(tmp_path, tiny_bert, run_glue, capsys):
+    output_dir = tmp_path / "out"
+    run_glue.main([
+        *common_args(tiny_bert, output_dir), "--offline_task", "synthetic_sentiment", "--synthetic_train_samples",
+        "48", "--compare_lora", "--lora_learning_rate", "1e-3", "--goat_r", "8",
+    ])  # fmt: skip
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("Held-out accuracy"))
+    match = re.fullmatch(
+        r"Held-out accuracy on 12 validation rows: GOAT (\S+) \| LoRA \(PEFT, same total rank\) (\S+) \| "
+        r"majority class 0\.500", line
+    )
+    assert match, line
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert float(match.group(1)) == pytest.approx(results["eval_accuracy"], abs=5e-4)
+    assert (output_dir / "goat_config.json").is_file()
+    assert not (output_dir / "lora-baseline" / "goat_config.json").exists()  # the baseline saves nothing

@@ -10,10 +10,10 @@ from trainer_fixtures import adapter_copy, cpu_args, single_thread
 from transformers import HfArgumentParser, TrainingArguments
 from trl import SFTConfig
 
-from goat_hf import GoatConfig, GoatTrainingArguments, load_goat_adapter
-from goat_hf.generation import generate_responses
-from goat_hf.instruction_data import prompt_completion_dataset, record_prompt
+from goat_hf import GoatConfig, GoatTrainingArguments, goat_layers, load_goat_adapter
 from goat_hf.sft_trainer import GoatSFTConfig, GoatSFTTrainer
+from goat_hf.tasks.generation import generate_responses
+from goat_hf.tasks.instruction_data import prompt_completion_dataset, record_prompt
 
 one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
@@ -62,7 +62,9 @@ def test_instruction_tuning_end_to_end(tmp_path):
     initial = adapter_copy(model)
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert logs and all(entry["aux_loss"] > 0 for entry in logs)
+    term = args.aux_loss_coef * args.goat_top_k * len(goat_layers(model))  # the loss term over the logged aux_loss
+    assert logs and all(entry["loss"] - entry["task_loss"] == pytest.approx(term * entry["aux_loss"], abs=2e-4)
+                        for entry in logs)  # fmt: skip
     trained = adapter_copy(model)
     assert not torch.equal(trained["model.layers.0.self_attn.q_proj.expert_B"],
                            initial["model.layers.0.self_attn.q_proj.expert_B"])  # fmt: skip

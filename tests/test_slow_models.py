@@ -8,7 +8,7 @@ from conftest import forbid_svd, train_like_
 from transformers import AutoModelForCausalLM, AutoTokenizer, BertForSequenceClassification
 
 from goat_hf import GoatConfig, get_goat_model, goat_layers, load_goat_adapter, save_goat_adapter
-from goat_hf.assets import minilm_path, smollm2_path
+from goat_hf.tasks.assets import minilm_path, smollm2_path
 
 pytestmark = pytest.mark.slow
 

@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach the Hub (DESIGN §6)
 
 import torch  # noqa: E402
 from conftest import VOCAB  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
-from goat_hf.adapter_io import adapter_state_dict  # noqa: E402
+from goat_hf import GoatConfig, goat_layers  # noqa: E402
+from goat_hf.adapter_io import (  # noqa: E402
+    CONFIG_NAME,
+    LAYER_TENSORS,
+    RESIDUAL_TENSORS,
+    WEIGHTS_NAME,
+    adapter_state_dict,
+)
+
+FULL_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
+HEALTH_KEYS = ("aux_loss", "task_loss", "router_load_min", "router_load_max", "router_load_entropy")
+SMALL = GoatConfig(r=8, num_experts=4, top_k=2)  # d = 2: cheaper than the paper defaults where they do not matter
+KINDS = ("causal-lm", "bert-cls", "roberta-cls")
 
 
 def single_thread() -> Iterator[None]:
@@ -70,3 +84,59 @@ def as_batch(dataset: Dataset) -> dict[str, torch.Tensor]:
 def adapter_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of everything an adapter file holds (experts, routers, residual factors, task head)."""
     return {name: tensor.detach().clone() for name, tensor in adapter_state_dict(model).items()}
+
+
+DATASETS = {"causal-lm": lm_dataset, "bert-cls": classification_dataset, "roberta-cls": classification_dataset}
+
+
+def training_logs(trainer) -> list[dict]:
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def balance_losses(model) -> list[torch.Tensor]:
+    return [layer.routing.balance_loss for layer in goat_layers(model).values()]
+
+
+def router_grads(model) -> dict[str, torch.Tensor]:
+    return {
+        name: layer.router.weight.grad.clone() if layer.router.weight.grad is not None else torch.zeros(1)
+        for name, layer in goat_layers(model).items()
+    }
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[name] - b[name]).abs().max().item() for name in a)
+
+
+def sgd_args(tmp_path, micro_batch: int, accumulation: int, args_class: type = TrainingArguments, **overrides):
+    """One plain SGD step (no clipping, no decay, constant lr) over the dataset in order."""
+    return cpu_args(
+        tmp_path,
+        args_class,
+        optim="sgd",
+        learning_rate=1.0,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        max_steps=1,
+        per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=accumulation,
+        train_sampling_strategy="sequential",
+        **overrides,
+    )
+
+
+def assert_adapter_folder(folder: Path, model) -> dict[str, torch.Tensor]:
+    """The folder holds goat_config.json and goat_adapter.safetensors, no full weights, no base tensors."""
+    files = set(os.listdir(folder))
+    assert {CONFIG_NAME, WEIGHTS_NAME} <= files
+    assert not files & set(FULL_WEIGHT_FILES)
+    tensors = load_file(folder / WEIGHTS_NAME)
+    heads = tuple(f"{head}." for head in model.goat_state.modules_to_save)
+    adapter_suffixes = tuple(f".{name}" for name in LAYER_TENSORS + RESIDUAL_TENSORS)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    for key in tensors:
+        assert key.endswith(adapter_suffixes) or key.startswith(heads), key
+        assert key not in frozen, key
+    return tensors

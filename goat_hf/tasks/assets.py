@@ -9,6 +9,10 @@ import tempfile
 from pathlib import Path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The Hub ids and the license (both Apache-2.0) of the models below: cards of adapters trained on them link there.
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BUNDLED_LICENSE = "apache-2.0"
 
 
 def cache_dir() -> Path:
@@ -43,7 +47,7 @@ def smollm2_path() -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=SMOLLM2_GGUF)
     model.hf_quantizer = None  # the weights are dequantised fp32 now; save them as a plain checkpoint
     model.config.__dict__.pop("quantization_config", None)
-    model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.config._name_or_path = SMOLLM2_HUB_ID
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
     model.save_pretrained(staging)
