@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_methods import METHODS, Method, prepare, trainable_parameters  # noqa: E402
 from compare_tasks import Task, make_task  # noqa: E402
 
-from goat_hf import GoatTrainer  # noqa: E402
+from goat_hf import GoatTrainer, GoatTrainingArguments  # noqa: E402
 
 DEFAULT_METHODS = (
     "full",
@@ -69,10 +69,10 @@ def run_one(task: Task, method: Method, lr: float, seed: int, threads: int) -> d
     torch.set_num_threads(threads)
     set_seed(seed)
     model, tokenizer = task.build()
-    model = prepare(method, model, task.peft_task_type, seed)
+    model = prepare(method, model, task.peft_task_type)
     collator = task.collator(tokenizer)
     with tempfile.TemporaryDirectory() as output_dir:
-        args = TrainingArguments(
+        args = training_arguments_class(method)(
             output_dir=output_dir,
             per_device_train_batch_size=task.batch_size,
             num_train_epochs=task.epochs,
@@ -89,6 +89,7 @@ def run_one(task: Task, method: Method, lr: float, seed: int, threads: int) -> d
             use_cpu=True,
             disable_tqdm=True,
             dataloader_num_workers=0,
+            **({"router_learning_rate": method.router_lr} if method.router_lr else {}),
         )
         kwargs = {"goat_config": method.goat_config(seed)} if method.kind == "goat" else {}
         trainer_class = GoatTrainer if method.kind == "goat" else Trainer
@@ -111,6 +112,11 @@ def run_one(task: Task, method: Method, lr: float, seed: int, threads: int) -> d
         "validation": task.score(model, task.splits.validation, collator),
         "test": task.score(model, task.splits.test, collator),
     }
+
+
+def training_arguments_class(method: Method) -> type[TrainingArguments]:
+    """GoatTrainingArguments when the method sets a GOAT-only argument (the router's lr), else TrainingArguments."""
+    return GoatTrainingArguments if method.router_lr else TrainingArguments
 
 
 def lr_grid(task: Task, method: Method, quick: bool = False) -> tuple[float, ...]:

@@ -26,6 +26,7 @@ class Method:
     lr_from: str | None = None  # "full": run at full fine-tuning's chosen lr instead of choosing its own
     grid: str = "adapter"  # which lr grid of the task it sweeps: "adapter" or "full"
     runs_as: str | None = None  # reuse the runs of this method (with lr_from: the same runs read at another lr)
+    router_lr: float | None = None  # GOAT: the routers' own lr (None: the swept lr, as the experts')
 
     @property
     def active_rank(self) -> int:
@@ -61,6 +62,7 @@ METHODS = {
             lr_from="full",
             runs_as="goat_aligned",
         ),
+        Method("goat_slow_router", "goat", "GOAT, router lr 1e-4", router_lr=1e-4),
         Method("goat_pissa", "goat", "GOAT, init=pissa segments", goat={"init": "pissa"}),
         Method("goat_r32", "goat", "GOAT r = 32 (active rank 8)", rank=32),
         Method("lora_r32", "peft", "LoRA (PEFT) r = 32", rank=32),
@@ -68,7 +70,7 @@ METHODS = {
 }
 
 
-def prepare(method: Method, model: nn.Module, task_type: str, seed: int) -> nn.Module:
+def prepare(method: Method, model: nn.Module, task_type: str) -> nn.Module:
     """The base wrapped as `method` trains it: PEFT model, GOAT-injected model (by the trainer), or itself."""
     if method.kind == "peft":
         from peft import LoraConfig, get_peft_model

@@ -28,9 +28,9 @@ class LeanGoatLinear(GoatLinear):
         result = self.base_layer(x)  # [..., m]
         if not self.adapter_enabled:
             return result
-        E, d = self.num_experts, self.expert_rank
+        E, d, tokens_shape = self.num_experts, self.expert_rank, x.shape[:-1]
         x = x.reshape(-1, self.in_features).to(torch.float32)  # [T, n]
-        gates = self._route(x) * self.scaling  # [T, E], the k weights times s
+        gates = self._route(x, tokens_shape) * self.scaling  # [T, E], the k weights times s
         h = self.dropout(x) @ self.expert_A.T  # [T, E*d]
         delta = (h.view(-1, E, d) * gates.unsqueeze(-1)).view(-1, E * d) @ self.expert_B.T  # [T, m]
         if self.residual_A is not None:
@@ -67,7 +67,8 @@ class OnePassGoatLinear(GoatLinear):
         top_w, top_i = probs.topk(self.top_k, dim=-1)  # [T, k]
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         picks = torch.zeros_like(probs).scatter_(1, top_i, 1.0)
-        real = self._real_tokens(logits.shape[0], probs)
+        real = self._real_tokens(logits.shape[:-1], probs)
+        real = torch.ones_like(probs[:, :1]) if real is None else real
         num_real = real.sum().clamp(min=1.0)
         f, P = (picks * real).sum(0) / num_real, (probs * real).sum(0) / num_real
         balance = self.num_experts * (f * P).sum()

@@ -208,12 +208,19 @@ def base_tensors(model: nn.Module, modules_to_save: list[str] | None = None) -> 
     }
     # A quantized layer's packed weight and its quantisation state change when bitsandbytes repacks them (and
     # differ before and after injection): compare its dense W0 instead, under the name of its weight.
-    for name, module in model.named_modules():
-        if looks_quantized(module) and not isinstance(module, GoatLinear):
-            key = renamed.get(f"{name}.weight", f"{name}.weight")
-            tensors = {k: v for k, v in tensors.items() if not (k == key or k.startswith(f"{key}."))}
-            tensors[key] = fingerprint_weight(module)
-    return tensors
+    dense = {
+        renamed.get(f"{name}.weight", f"{name}.weight"): module
+        for name, module in model.named_modules()
+        if looks_quantized(module) and not isinstance(module, GoatLinear)
+    }
+    if not dense:
+        return tensors
+    def packed(key: str) -> bool:  # the weight itself or its quantisation state (`<weight>.absmax`, ...)
+        parts = key.split(".")
+        return any(".".join(parts[:i]) in dense for i in range(len(parts), 0, -1))
+
+    tensors = {key: value for key, value in tensors.items() if not packed(key)}
+    return tensors | {key: fingerprint_weight(module) for key, module in dense.items()}
 
 
 def read_adapter_config(folder: Path) -> dict[str, Any]:

@@ -108,13 +108,13 @@ class GoatLinear(nn.Module):
                 delta = delta.addmm_(correction, self.residual_B.T)  # in place: mm outputs are not saved
         return result + delta.view(result.shape).to(result.dtype)
 
-    def _route(self, x: torch.Tensor, tokens_shape: torch.Size | None = None) -> torch.Tensor:
+    def _route(self, x: torch.Tensor, tokens_shape: torch.Size) -> torch.Tensor:
         """Top-k routing weights [T, E]; records the routing and the balance loss of this forward."""
         probs = F.softmax(self.router(x), dim=-1)  # [T, E]
         top_w, top_i = probs.topk(self.top_k, dim=-1)  # [T, k]
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         picks = torch.zeros_like(probs).scatter_(1, top_i, 1.0)  # [T, E], 1 where expert j is picked
-        real = self._real_tokens(tokens_shape or x.shape[:-1], probs)  # [T, 1] or None: every token is real
+        real = self._real_tokens(tokens_shape, probs)  # [T, 1] or None: every token is real
         if real is None:
             f, P = picks.mean(0), probs.mean(0)  # [E] picks per token, mean router probability
         else:

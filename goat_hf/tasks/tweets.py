@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import importlib.util
 import random
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +62,6 @@ def tweet_splits(train: int, validation: int, test: int, pool: int = 0) -> Tweet
     )
 
 
-def majority_rate(rows: list[dict[str, Any]]) -> float:
-    """Accuracy of always answering the most frequent label of `rows`: the floor a classifier must beat."""
-    counts = [sum(row["label"] == label for row in rows) for label in range(len(LABELS))]
-    return max(counts) / len(rows)
+def majority_rate(labels: Sequence[int]) -> float:
+    """Accuracy of always answering the most frequent of `labels`: the floor a classifier must beat."""
+    return Counter(labels).most_common(1)[0][1] / len(labels)
