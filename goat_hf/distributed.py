@@ -56,9 +56,14 @@ def full_shape(tensor: torch.Tensor) -> torch.Size:
 
 def live_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """`module.state_dict()` with each parameter and buffer as the live object, not state_dict's detached copy:
-    ZeRO-3 marks the parameter objects, and gathering needs those marks."""
+    ZeRO-3 marks the parameter objects, and gathering needs those marks.
+
+    state_dict() runs first: under FSDP2 its pre-hook reshards a module left unsharded (the root after a
+    forward without backward, e.g. an evaluation) and frees the unsharded parameters' storage; read before it,
+    they would be the freed tensors (reading them crashed the process with SIGSEGV)."""
+    state = module.state_dict()
     live = dict(module.named_buffers(remove_duplicate=False)) | dict(module.named_parameters(remove_duplicate=False))
-    return {key: live.get(key, value) for key, value in module.state_dict().items()}
+    return {key: live.get(key, value) for key, value in state.items()}
 
 
 @torch.no_grad()

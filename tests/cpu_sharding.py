@@ -11,9 +11,14 @@ and loading) is the code path users get on GPUs; `fully_shard` runs on the gloo 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+from functools import partial
 from pathlib import Path
 
 from accelerate.state import AcceleratorState, PartialState
@@ -44,19 +49,77 @@ def shard_on_cpu() -> None:
     AcceleratorState.__init__ = init
 
 
-def torchrun(worker: Path, out_dir: Path, *worker_args: str, timeout: int = 900) -> None:
-    """Run `worker` on 2 CPU processes (gloo) with torchrun, offline, one thread each; fail with its output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(worker.parent.parent)}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(worker),
-        str(out_dir),
-        *worker_args,
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+def run_ranks(worker: Path, out_dir: Path, *worker_args: str, timeout: int = 600, world_size: int = 2) -> None:
+    """Run `worker` as `world_size` CPU processes (gloo), offline, one thread each, as torchrun would set them up;
+    fail with their output.
+
+    The ranks are started here, not by torchrun, so that they share one process group of their own: when a rank
+    fails the others would wait in a gloo collective until its timeout (30 min), and torchrun starts each rank in a
+    session of its own, so killing torchrun on a timeout left them running. Here the group is killed as soon as one
+    rank fails, on the timeout, and whenever this function exits. Each rank's output goes to out_dir/rank{r}.log;
+    PYTHONFAULTHANDLER=1 puts the Python stack of a crash there.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(worker.parent.parent),
+        "PYTHONFAULTHANDLER": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": str(world_size),
+    }
+    logs = [out_dir / f"rank{rank}.log" for rank in range(world_size)]
+    ranks: list[subprocess.Popen] = []
+    try:
+        for rank, log in enumerate(logs):
+            rank_env = env | {"RANK": str(rank), "LOCAL_RANK": str(rank)}
+            leader = ranks[0].pid if ranks else 0  # rank 0 leads a new process group, the others join it
+            with log.open("w") as output:
+                command = [sys.executable, str(worker), str(out_dir), *worker_args]
+                ranks.append(
+                    subprocess.Popen(
+                        command,
+                        env=rank_env,
+                        stdout=output,
+                        stderr=subprocess.STDOUT,
+                        preexec_fn=partial(os.setpgid, 0, leader),
+                    )
+                )
+        codes = wait_for_ranks(ranks, timeout)
+    finally:
+        kill_group(ranks[0].pid if ranks else None)
+        for process in ranks:
+            process.wait()  # reaped, so no zombie outlives the test
+    tails = "".join(
+        f"\n--- rank {rank} (exit {code}) ---\n{log.read_text()[-4000:]}"
+        for rank, (code, log) in enumerate(zip(codes, logs, strict=True))
+    )
+    assert codes == [0] * world_size, tails
+
+
+def wait_for_ranks(ranks: list[subprocess.Popen], timeout: float) -> list[int | None]:
+    """Exit codes once every rank has exited, or as soon as one failed or the time ran out (None: still running)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        codes = [rank.poll() for rank in ranks]
+        if all(code == 0 for code in codes) or any(code not in (None, 0) for code in codes):
+            return codes
+        if time.monotonic() > deadline:
+            return codes
+        time.sleep(0.2)
+
+
+def kill_group(pgid: int | None) -> None:
+    if pgid is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 from conftest import tiny_llama
-from cpu_sharding import torchrun
+from cpu_sharding import run_ranks
 from safetensors.torch import load_file
-from sharded_worker import STEPS, goat_config, train_args
+from sharded_worker import STEPS, goat_config, sft_args, sft_trainer, train_args
 from trainer_fixtures import adapter_copy, lm_dataset
 
 from goat_hf import GoatTrainer, get_goat_model, load_goat_adapter
@@ -24,7 +24,7 @@ TESTS = Path(__file__).parent
 
 
 def run_worker(out: Path, backend: str) -> Path:
-    torchrun(TESTS / "sharded_worker.py", out, backend)
+    run_ranks(TESTS / "sharded_worker.py", out, backend)
     return out
 
 
@@ -35,11 +35,19 @@ def reference(tmp_path: Path, aux_loss_coef: float, batch_size: int = 2, accumul
     )
     model = tiny_llama()
     data = lm_dataset(4 * STEPS)
-    trainer = GoatTrainer(model=model, args=args, train_dataset=data, goat_config=goat_config(aux_loss_coef))
+    return trained(GoatTrainer(model=model, args=args, train_dataset=data, goat_config=goat_config(aux_loss_coef)))
+
+
+def sft_reference(tmp_path: Path, aux_loss_coef: float) -> tuple[dict, dict]:
+    """Single-process GoatSFTTrainer with the worker's settings, its 2 ranks' micro-batches accumulated."""
+    return trained(sft_trainer(sft_args(tmp_path, gradient_accumulation_steps=2, save_strategy="no"), aux_loss_coef))
+
+
+def trained(trainer) -> tuple[dict, dict]:
     batches = [batch["input_ids"].tolist() for batch in trainer.get_train_dataloader()]
     trainer.train()
     groups = [[g["name"], g["initial_lr"], g["weight_decay"]] for g in trainer.optimizer.param_groups]
-    return adapter_copy(model), {"batches": batches, "optimizer_groups": groups}
+    return adapter_copy(trainer.model), {"batches": batches, "optimizer_groups": groups}
 
 
 def relative_differences(got: dict, expected: dict) -> dict[str, float]:
@@ -60,10 +68,12 @@ def reports(out: Path) -> list[dict]:
     return [json.loads((out / f"report{rank}.json").read_text()) for rank in (0, 1)]
 
 
-def check_equals_single_process(out: Path, tmp_path: Path, aux_loss_coef: float) -> float:
-    """The 2-rank adapter vs the single-process one on the same micro-batches; returns the largest difference."""
-    expected, seen = reference(tmp_path, aux_loss_coef)
-    run = f"aux{aux_loss_coef:g}"
+def check_equals_single_process(out: Path, tmp_path: Path, aux_loss_coef: float, sft: bool = False) -> float:
+    """The 2-rank adapter vs the single-process one on the same micro-batches; returns the largest difference.
+
+    sft: the GoatSFTTrainer runs (sft{coef}) instead of the GoatTrainer ones (aux{coef})."""
+    expected, seen = (sft_reference if sft else reference)(tmp_path, aux_loss_coef)
+    run = f"{'sft' if sft else 'aux'}{aux_loss_coef:g}"
     shards = [report[run]["shard"] for report in reports(out)]
     assert shards[0] != shards[1]  # each rank trained on its own data
     assert [batch for pair in zip(*shards, strict=True) for batch in pair] == seen["batches"]

@@ -5,7 +5,8 @@ gloo, with sharding really on (see cpu_sharding.py). GoatTrainer trains a tiny L
 process group:
 - train/aux{coef}: 4 steps, checkpoints at 2 and 4, then `save_model(final)`, for each coef in COEFS[BACKEND];
 - resume: a fresh model resumed from aux0.1/checkpoint-2 to step 4, then `save_model(resumed)`;
-- sft (fsdp2 only): GoatSFTTrainer, 2 steps, a checkpoint at 2;
+- sft{coef} (fsdp2 only): GoatSFTTrainer, 2 steps in fp32 (SFTConfig's default is bf16), a checkpoint at 2,
+  then `save_model(final)`, for each coef in COEFS[BACKEND];
 - best: evaluation at steps 2 and 4 with `load_best_model_at_end` (the *highest* eval loss is "best", so the
   best checkpoint is not simply the last one), then `save_model(final)`.
 Each rank writes OUT_DIR/report{rank}.json: what it saw of the sharding, its data, its optimizer groups, and the
@@ -123,17 +124,21 @@ def best_phase(out_dir: Path, backend: str) -> str:
 
 
 def sft_args(output_dir: Path, backend: str | None = None, **overrides):
+    """fp32 (bf16=False): SFTConfig's bf16 default rounds differently under FSDP2's MixedPrecisionPolicy than under
+    one process's autocast, and AdamW's first steps (about lr * sign(g)) turn that rounding into differences as
+    large as training's own moves; the worker compares exact arithmetic."""
     from trl import SFTConfig
 
-    settings = dict(max_steps=2, learning_rate=1e-2, save_strategy="steps", save_steps=2)
+    settings = dict(max_steps=2, learning_rate=1e-2, save_strategy="steps", save_steps=2, bf16=False)
     if backend is not None:
         settings.update(ddp_backend="gloo", **BACKENDS[backend])
     return cpu_args(output_dir, SFTConfig, **{**settings, **overrides})
 
 
-def sft_trainer(args):
-    """GoatSFTTrainer on test_trainer's prompt-completion data (completion-only loss, padded batches)."""
-    from test_trainer import prompt_completion_dataset, word_tokenizer
+def sft_trainer(args, aux_loss_coef: float = 0.1):
+    """GoatSFTTrainer on test_trainer_trl's prompt-completion data (completion-only loss, padded batches of
+    different lengths, so the loss is normalised by num_items_in_batch across the ranks)."""
+    from test_trainer_trl import prompt_completion_dataset, word_tokenizer
 
     from goat_hf import GoatSFTTrainer
 
@@ -143,14 +148,17 @@ def sft_trainer(args):
         args=args,
         train_dataset=data,
         processing_class=word_tokenizer(),
-        goat_config=goat_config(0.1),
+        goat_config=goat_config(aux_loss_coef),
     )
 
 
-def sft_phase(out_dir: Path, backend: str) -> dict:
-    trainer = sft_trainer(sft_args(out_dir / "sft", backend))
+def sft_phase(out_dir: Path, backend: str, aux_loss_coef: float) -> dict:
+    run = out_dir / f"sft{aux_loss_coef:g}"
+    trainer = sft_trainer(sft_args(run, backend), aux_loss_coef)
+    shard = [batch["input_ids"].tolist() for batch in trainer.get_train_dataloader()]
     trainer.train()
-    return sharding_report(trainer)
+    trainer.save_model(str(run / "final"))
+    return {"shard": shard, **sharding_report(trainer)}
 
 
 def main(out_dir: Path, backend: str) -> None:
@@ -160,7 +168,7 @@ def main(out_dir: Path, backend: str) -> None:
     report["resumed_steps"] = resume_phase(out_dir, backend)
     report["best_model_checkpoint"] = best_phase(out_dir, backend)
     if backend == "fsdp2":
-        report["sft"] = sft_phase(out_dir, backend)
+        report |= {f"sft{coef:g}": sft_phase(out_dir, backend, coef) for coef in COEFS[backend]}
     (out_dir / f"report{torch.distributed.get_rank()}.json").write_text(json.dumps(report))
 
 

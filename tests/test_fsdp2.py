@@ -15,10 +15,9 @@ from sharded_checks import (
     reports,
     run_worker,
 )
-from sharded_worker import goat_config
 from trainer_fixtures import adapter_copy, single_thread
 
-from goat_hf import get_goat_model, load_goat_adapter
+from goat_hf import load_goat_adapter
 
 pytestmark = pytest.mark.slow
 single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
@@ -62,12 +61,18 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(fsdp_run):
     check_best_model_restored(fsdp_run)
 
 
-def test_sft_trainer_trains_sharded_and_saves_the_whole_adapter(fsdp_run):
-    report = reports(fsdp_run)[0]["sft"]
-    assert report["distributed_type"] == "DistributedType.FSDP"
-    assert report["sharded_dtensors"] == report["parameters"]
-    folder = fsdp_run / "sft" / "checkpoint-2"
+@pytest.mark.parametrize("aux_loss_coef", [0.0, 0.1], ids=["no-balance-loss", "balance-loss"])
+def test_sft_trainer_equals_single_process_on_the_same_micro_batches(fsdp_run, tmp_path, aux_loss_coef):
+    for report in reports(fsdp_run):
+        run = report[f"sft{aux_loss_coef:g}"]
+        assert run["distributed_type"] == "DistributedType.FSDP"
+        assert run["sharded_dtensors"] == run["parameters"]
+    check_equals_single_process(fsdp_run, tmp_path, aux_loss_coef, sft=True)
+
+
+def test_sft_trainer_checkpoint_holds_the_whole_adapter(fsdp_run):
+    folder = fsdp_run / "sft0.1" / "checkpoint-2"
     model = load_goat_adapter(tiny_llama(), folder)  # whole tensors, fingerprints of the whole W0
     saved = adapter_file(folder)
     assert largest_difference(adapter_copy(model), saved) == 0
-    assert largest_difference(saved, adapter_copy(get_goat_model(tiny_llama(), goat_config(0.1)))) > 1e-2
+    assert largest_difference(saved, adapter_file(fsdp_run / "sft0.1" / "final")) == 0  # step 2 is the last

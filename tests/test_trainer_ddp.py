@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cpu_sharding import torchrun
+from cpu_sharding import run_ranks
 from safetensors.torch import load_file
 from trainer_fixtures import (
     HEALTH_KEYS,
@@ -24,7 +24,7 @@ one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 @pytest.mark.slow
 def test_ddp_two_processes_train_identical_adapters(tmp_path):
-    torchrun(TESTS / "ddp_worker.py", tmp_path)
+    run_ranks(TESTS / "ddp_worker.py", tmp_path)
 
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     adapters = [load_file(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1)]
