@@ -16,7 +16,7 @@ from sharded_checks import (
 from trainer_fixtures import single_thread
 
 pytest.importorskip("deepspeed", reason="DeepSpeed tests need `pip install deepspeed` (the [deepspeed] extra)")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.deepspeed]  # not in `make test`: `make test-deepspeed`
 single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
 

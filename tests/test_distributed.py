@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from goat_hf import GoatAdapterError, GoatConfig, get_goat_model, save_goat_adapter
 from goat_hf.adapter_io import CONFIG_NAME, restore_goat_weights
-from goat_hf.distributed import copy_full_, full_tensor, is_zero3_partitioned
+from goat_hf.distributed import copy_full_, full_tensor, is_zero3_partitioned, live_tensors
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +102,27 @@ def test_base_fingerprints_of_dtensors_are_those_of_the_whole_tensors(process_gr
         model.model.layers[1].mlp.down_proj.base_layer.weight.add_(0.01)
     with pytest.raises(GoatAdapterError, match=r"'model.layers.1.mlp.down_proj.weight' has other values"):
         restore_goat_weights(model, tmp_path / "plain")
+
+
+def test_live_tensors_after_an_evaluation_forward_under_fsdp2_are_the_resharded_ones(process_group, tmp_path):
+    """FSDP2 leaves the root module unsharded after a forward without backward (an evaluation); state_dict()'s
+    pre-hook reshards it and frees the unsharded storage. Read before that hook, the tensors were freed ones and
+    fingerprinting them for a checkpoint crashed the process (SIGSEGV)."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = get_goat_model(tiny_llama(), GoatConfig(r=8, num_experts=4, top_k=2))
+    save_goat_adapter(model, tmp_path / "before")
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=process_group)
+    fully_shard(model, mesh=process_group)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7, 8]]))
+    assert not isinstance(model.lm_head.weight, DTensor)  # the root stayed unsharded: the case under test
+
+    tensors = live_tensors(model)
+    for name, tensor in tensors.items():
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        assert local.untyped_storage().nbytes() >= local.numel() * local.element_size(), name
+    save_goat_adapter(model, tmp_path / "after")  # fingerprints every base tensor
+    before, after = (json.loads((tmp_path / run / CONFIG_NAME).read_text()) for run in ("before", "after"))
+    assert after["base_tensors"] == before["base_tensors"]
