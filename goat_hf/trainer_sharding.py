@@ -47,6 +47,10 @@ class GoatShardedCheckpointMixin:
         return isinstance(self.lr_scheduler, DeepSpeedSchedulerWrapper)
 
     def _prepare_for_training(self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: str | None):
+        if self.is_fsdp_enabled:  # before accelerate shards the model: every rank raises, none waits
+            refuse_fsdp_parameter_cast(self.accelerator.state.fsdp_plugin)
+        if self.is_deepspeed_enabled:
+            refuse_deepspeed_half_precision(self.accelerator.state.deepspeed_plugin.deepspeed_config)
         if not (self.is_deepspeed_enabled and resume_from_checkpoint is not None):
             return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
@@ -59,3 +63,29 @@ class GoatShardedCheckpointMixin:
         self._load_optimizer_and_scheduler(resume_from_checkpoint)
         self._load_scaler(resume_from_checkpoint)
         return model, train_dataloader
+
+
+def refuse_fsdp_parameter_cast(plugin: Any) -> None:
+    """FSDP mixed precision casts every parameter of a unit, GOAT's included, to its param_dtype for compute; the
+    GOAT layer computes its experts and router in fp32 (DESIGN), so the first forward would fail on a dtype mismatch
+    deep in the model. Say what works instead: a bf16 base with fp32 adapters and no FSDP cast."""
+    param_dtype = getattr(getattr(plugin, "mixed_precision_policy", None), "param_dtype", None)
+    if param_dtype not in (None, torch.float32):
+        raise ValueError(_half_precision_message(f"FSDP mixed precision (param_dtype={param_dtype})", "FSDP"))
+
+
+def refuse_deepspeed_half_precision(config: dict) -> None:
+    """DeepSpeed's bf16 / fp16 mode casts the whole module, GOAT's adapters included (same failure as above)."""
+    for key in ("bf16", "fp16"):
+        if str(config.get(key, {}).get("enabled", False)).lower() == "true":
+            raise ValueError(_half_precision_message(f"DeepSpeed {key} (`{key}.enabled`)", "DeepSpeed"))
+
+
+def _half_precision_message(what: str, backend: str) -> str:
+    return (
+        f"{what} would cast GOAT's fp32 adapters and routers to half precision, and GOAT layers compute in fp32 "
+        "(the first forward would fail on a dtype mismatch). Load the base in bf16 instead (from_pretrained(..., "
+        'dtype=torch.bfloat16), or --model_init_kwargs \'{"dtype": "bfloat16"}\' in the examples) and turn mixed '
+        f"precision off (--bf16 false, accelerate config `mixed_precision: 'no'`): the base then computes in bf16 "
+        f"and GOAT keeps its adapters in fp32 under {backend}."
+    )

@@ -36,6 +36,8 @@ def shard_on_cpu() -> None:
             return
         if fsdp_plugin is not None:
             self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no":  # bf16 / fp16: FSDP2's MixedPrecisionPolicy, as on GPUs
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
             self.fsdp_plugin = fsdp_plugin
         elif deepspeed_plugin is not None:
             self.distributed_type = DistributedType.DEEPSPEED

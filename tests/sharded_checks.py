@@ -8,6 +8,7 @@ the balance loss, as one batch of 4.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -115,3 +116,18 @@ def check_best_model_restored(out: Path) -> None:
     final = adapter_file(out / "best" / "final")
     assert largest_difference(final, adapter_file(best)) == 0
     assert largest_difference(final, adapter_file(out / "best" / "checkpoint-4")) > 1e-2
+
+
+def check_bf16_refused_and_bf16_base_trains(out: Path, refusal_start: str) -> None:
+    """bf16=True is refused with the fix in the message; the fix (a bf16 base, fp32 adapters, no cast) trains."""
+    for report in reports(out):
+        message = report["bf16_refusal"]
+        assert message is not None and message.startswith(refusal_start)
+        assert "--bf16 false" in message and "mixed_precision: 'no'" in message
+    run = reports(out)[0]["bf16_base"]
+    assert run["frozen_dtypes"] == ["torch.bfloat16"] and run["trainable_dtypes"] == ["torch.float32"]
+    assert len(run["losses"]) == 2 and all(math.isfinite(loss) for loss in run["losses"])
+    saved = adapter_file(out / "bf16-base" / "final")
+    assert all(tensor.dtype == torch.float32 for tensor in saved.values())
+    initial = adapter_copy(get_goat_model(tiny_llama().to(torch.bfloat16), goat_config(0.1)))
+    assert largest_difference(saved, {key: value.float() for key, value in initial.items()}) > 1e-2  # it trained

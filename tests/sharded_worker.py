@@ -7,6 +7,8 @@ process group:
 - resume: a fresh model resumed from aux0.1/checkpoint-2 to step 4, then `save_model(resumed)`;
 - sft{coef} (fsdp2 only): GoatSFTTrainer, 2 steps in fp32 (SFTConfig's default is bf16), a checkpoint at 2,
   then `save_model(final)`, for each coef in COEFS[BACKEND];
+- bf16: `bf16=True` (FSDP's mixed-precision cast, DeepSpeed's bf16 mode) must be refused; a bf16 base with fp32
+  adapters trains 2 steps (bf16-base);
 - best: evaluation at steps 2 and 4 with `load_best_model_at_end` (the *highest* eval loss is "best", so the
   best checkpoint is not simply the last one), then `save_model(final)`.
 Each rank writes OUT_DIR/report{rank}.json: what it saw of the sharding, its data, its optimizer groups, and the
@@ -161,6 +163,28 @@ def sft_phase(out_dir: Path, backend: str, aux_loss_coef: float) -> dict:
     return {"shard": shard, **sharding_report(trainer)}
 
 
+def bf16_phases(out_dir: Path, backend: str) -> dict:
+    """bf16 mixed precision (FSDP's cast, DeepSpeed's bf16 mode) is refused: it would cast the fp32 adapters. A bf16
+    base with fp32 adapters and no cast trains sharded."""
+    data = lm_dataset(8)
+    try:
+        args = train_args(out_dir / "bf16-cast", backend, bf16=True, save_strategy="no")
+        GoatTrainer(model=tiny_llama(), args=args, train_dataset=data, goat_config=goat_config(0.1)).train()
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    args = train_args(out_dir / "bf16-base", backend, max_steps=2, save_strategy="no")
+    model = tiny_llama().to(torch.bfloat16)
+    trainer = GoatTrainer(model=model, args=args, train_dataset=data, goat_config=goat_config(0.1))
+    trainer.train()
+    trainer.save_model(str(out_dir / "bf16-base" / "final"))
+    frozen = {str(p.dtype) for p in trainer.model.parameters() if not p.requires_grad}
+    trainable = {str(p.dtype) for p in trainer.model.parameters() if p.requires_grad}
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    report = sharding_report(trainer) | {"frozen_dtypes": sorted(frozen), "trainable_dtypes": sorted(trainable)}
+    return {"bf16_refusal": refusal, "bf16_base": report | {"losses": losses}}
+
+
 def main(out_dir: Path, backend: str) -> None:
     torch.set_num_threads(1)
     shard_on_cpu()
@@ -169,6 +193,7 @@ def main(out_dir: Path, backend: str) -> None:
     report["best_model_checkpoint"] = best_phase(out_dir, backend)
     if backend == "fsdp2":
         report |= {f"sft{coef:g}": sft_phase(out_dir, backend, coef) for coef in COEFS[backend]}
+    report |= bf16_phases(out_dir, backend)
     (out_dir / f"report{torch.distributed.get_rank()}.json").write_text(json.dumps(report))
 
 

@@ -7,6 +7,7 @@ import torch
 from sharded_checks import (
     adapter_file,
     check_best_model_restored,
+    check_bf16_refused_and_bf16_base_trains,
     check_checkpoint_adapters,
     check_equals_single_process,
     check_resume_equals_uninterrupted,
@@ -55,3 +56,10 @@ def test_resume_equals_uninterrupted(zero_run):
 
 def test_load_best_model_at_end_restores_the_best_checkpoint(zero_run):
     check_best_model_restored(zero_run[1])
+
+
+def test_bf16_mode_is_refused_and_a_bf16_base_trains(zero_run):
+    backend, out = zero_run
+    check_bf16_refused_and_bf16_base_trains(out, "DeepSpeed bf16 (`bf16.enabled`) would cast")
+    run = reports(out)[0]["bf16_base"]
+    assert run["zero3_partitioned"] == (run["parameters"] if backend == "zero3" else 0)

@@ -7,6 +7,7 @@ from conftest import tiny_llama
 from sharded_checks import (
     adapter_file,
     check_best_model_restored,
+    check_bf16_refused_and_bf16_base_trains,
     check_checkpoint_adapters,
     check_equals_single_process,
     check_resume_equals_uninterrupted,
@@ -76,3 +77,9 @@ def test_sft_trainer_checkpoint_holds_the_whole_adapter(fsdp_run):
     saved = adapter_file(folder)
     assert largest_difference(adapter_copy(model), saved) == 0
     assert largest_difference(saved, adapter_file(fsdp_run / "sft0.1" / "final")) == 0  # step 2 is the last
+
+
+def test_bf16_mixed_precision_is_refused_and_a_bf16_base_trains_sharded(fsdp_run):
+    check_bf16_refused_and_bf16_base_trains(fsdp_run, "FSDP mixed precision (param_dtype=torch.bfloat16) would cast")
+    run = reports(fsdp_run)[0]["bf16_base"]
+    assert run["distributed_type"] == "DistributedType.FSDP" and run["sharded_dtensors"] == run["parameters"]

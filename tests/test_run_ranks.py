@@ -59,6 +59,6 @@ def test_a_failed_rank_stops_the_others_at_once(worker, tmp_path):
 
 def test_hung_ranks_are_killed_on_the_timeout(worker, tmp_path):
     with pytest.raises(AssertionError, match=r"rank 0 \(exit None\)"):
-        run_ranks(worker, tmp_path / "out", "hang", timeout=8)
+        run_ranks(worker, tmp_path / "out", "hang", timeout=4)
     for rank in (0, 1):
         assert gone(int((tmp_path / "out" / f"pid{rank}").read_text()))
