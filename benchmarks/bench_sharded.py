@@ -2,8 +2,9 @@
 
 Runs tests/sharded_worker.py (a tiny Llama, 4 steps, global batch 4 = 2 ranks x 2) under each backend, and the
 single-process GoatTrainer on the same data as 2 micro-batches of 2 (gradient accumulation: what the ranks
-compute) and as one batch of 4. Prints the largest per-tensor relative difference ||a - b|| / ||b|| over the
-adapter (experts, routers, residual factors). `python benchmarks/bench_sharded.py [--backends fsdp2 zero2 zero3]`
+compute) and as one batch of 4; under FSDP2 also GoatSFTTrainer (2 steps, fp32) against its single-process
+run. Prints the largest per-tensor relative difference ||a - b|| / ||b|| over the adapter (experts, routers,
+residual factors). `python benchmarks/bench_sharded.py [--backends fsdp2 zero2 zero3]`
 (~1 min per backend on 2 CPU cores; ZeRO needs `pip install deepspeed`).
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import torch  # noqa: E402
-from sharded_checks import adapter_file, largest_difference, reference, run_worker  # noqa: E402
+from sharded_checks import adapter_file, largest_difference, reference, run_worker, sft_reference  # noqa: E402
 from sharded_worker import COEFS  # noqa: E402
 
 
@@ -43,6 +44,10 @@ def main() -> None:
                     f"{largest_difference(final, references[coef, 1]):.1e} | "
                     f"{largest_difference(adapter_file(out / 'resumed'), adapter_file(out / 'aux0.1' / 'final')):.1e} |"
                 )
+            for coef in COEFS[backend] if backend == "fsdp2" else ():  # GoatSFTTrainer, 2 steps, fp32
+                expected, _ = sft_reference(tmp / f"sft-ref{coef}", coef)
+                final = adapter_file(out / f"sft{coef:g}" / "final")
+                rows.append(f"| {backend}, GoatSFTTrainer | {coef:g} | {largest_difference(final, expected):.1e} | | |")
     print("| backend | aux_loss_coef | vs 1 process, 2 x 2 (GA) | vs 1 process, 1 x 4 | resumed vs uninterrupted |")
     print("|---|---:|---:|---:|---:|")
     print("\n".join(rows))
