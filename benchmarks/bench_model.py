@@ -1,11 +1,12 @@
-"""SmolLM2-135M training step, peak memory, SVD-init and adapter-load time: GOAT vs PEFT LoRA of the same rank.
+"""SmolLM2-135M: training step, evaluation forward, peak memory, SVD init and adapter load, GOAT vs PEFT LoRA.
 
-Why: DESIGN §2 says the fused layer costs what a rank-r LoRA costs; this checks it where it matters, a full
-training step (forward, backward, AdamW step) of a real model, and checks that an adapter reloads fast (no
-SVD on load, DESIGN §4). GOAT: GoatConfig(r=32, num_experts=8, top_k=2, target_modules="all-linear") and its
-balance loss (aux_loss_coef * sum over layers, as GoatTrainer adds it); LoRA: PEFT r=32 on exactly the same
-module names. Step times come from one process with both models, interleaved; peak memory from one fresh
-subprocess per variant.
+Why: issue 10 asks a GOAT step to cost what a PEFT LoRA step of the same total rank costs (<= 1.05x at r = 8 and
+r = 32, B4 x T128, q/k/v/o/gate/up/down, E = 8, k = 2, 2 threads), a no-grad eval-mode forward too (<= 1.05x), and
+peak memory of the step <= 1.10x (live tensors). GOAT: `GoatConfig(r, num_experts=8, top_k=2,
+target_modules="all-linear")` with its balance loss (aux_loss_coef x the layers' sum, as GoatTrainer adds it);
+LoRA: PEFT r on exactly the same module names. "GOAT autograd" is the same GOAT model computed with autograd
+ops (goat_hf 0.2's forward, benchmarks/autograd_path.py). Step and forward times come from one process with all
+models, interleaved; peak memory from one fresh subprocess per variant.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from patched_layers import PATCHES
+from autograd_path import use_autograd_path_everywhere
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM
@@ -31,16 +32,11 @@ from transformers import AutoModelForCausalLM
 from goat_hf import GoatConfig, get_goat_model, goat_layers, load_goat_adapter, save_goat_adapter
 from goat_hf.tasks.assets import smollm2_path
 
-GOAT_CONFIG = GoatConfig(r=32, num_experts=8, top_k=2, target_modules="all-linear")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PATCHED = [f"goat_{name}" for name in PATCHES]  # --patched: the proposed changes of patched_layers.py
 
 
-def patch_layers(model: nn.Module, variant: str) -> nn.Module:
-    """Apply the proposed change `variant` (patched_layers.PATCHES) to every GOAT layer of `model`."""
-    for layer in goat_layers(model).values():
-        PATCHES[variant.removeprefix("goat_")](layer)
-    return model
+def goat_config(r: int) -> GoatConfig:
+    return GoatConfig(r=r, num_experts=8, top_k=2, target_modules="all-linear")
 
 
 def load_base(args: argparse.Namespace) -> nn.Module:
@@ -53,10 +49,10 @@ def load_base(args: argparse.Namespace) -> nn.Module:
     return model
 
 
-def lora_model(base: nn.Module, target_names: list[str]) -> nn.Module:
+def lora_model(base: nn.Module, target_names: list[str], r: int) -> nn.Module:
     """PEFT LoRA on the module names GOAT adapted (suffixes), checked to be exactly the same set."""
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in target_names})
-    config = LoraConfig(r=GOAT_CONFIG.r, lora_alpha=2 * GOAT_CONFIG.r, lora_dropout=0.0, target_modules=suffixes)
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=suffixes)
     model = get_peft_model(base, config)
     adapted = {name.removeprefix("base_model.model.") for name, m in model.named_modules() if hasattr(m, "lora_A")}
     if adapted != set(target_names):
@@ -69,16 +65,30 @@ def make_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     layers = list(goat_layers(model).values())
+    coef = model.goat_state.config.aux_loss_coef if layers else 0.0
 
     def step() -> None:
+        model.train()
         loss = model(**batch).loss
         if layers:
-            loss = loss + GOAT_CONFIG.aux_loss_coef * sum(layer.routing.balance_loss for layer in layers)
+            loss = loss + coef * torch.stack([layer.routing.balance_loss for layer in layers]).sum()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def make_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """One no-grad eval-mode forward (what evaluation and generation run)."""
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+
+    def forward() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(**inputs)
+
+    return forward
 
 
 def make_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
@@ -101,11 +111,12 @@ def proc_status_kib(key: str) -> int:
 
 
 def measure_memory(args: argparse.Namespace, variant: str) -> dict[str, float]:
-    """Runs in a fresh subprocess: peak memory of adapting the loaded base and 5 training steps, over the base.
+    """Runs in a fresh subprocess: peak memory of 5 training steps over the loaded base, adapter weights included.
 
-    CPU: the resident peak (VmHWM) is reset to the current RSS after loading the base (Linux clear_refs "5"),
-    so the delta covers adapter weights and buffers, gradients, AdamW state, activations and allocator
-    slack, and not the loader's transient peak. CUDA: torch.cuda.max_memory_allocated over the same span.
+    CPU: the resident peak (VmHWM) is reset to the current RSS after adapting the base (Linux clear_refs "5"),
+    and the base's RSS is subtracted, so the delta covers adapter weights and buffers, gradients, AdamW state,
+    activations and allocator slack, and neither the loader's nor the SVD init's transient peak. CUDA:
+    torch.cuda.max_memory_allocated over the same span.
     """
     model = load_base(args)
     gc.collect()
@@ -116,11 +127,12 @@ def measure_memory(args: argparse.Namespace, variant: str) -> dict[str, float]:
     else:
         before = 1024 * proc_status_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")
-    if variant == "lora":
-        model = lora_model(model, args.targets)
+    model = lora_model(model, args.targets, args.r) if variant == "lora" else get_goat_model(model, goat_config(args.r))
+    gc.collect()
+    if cuda:  # the peak of the steps (adapter weights included), not the transient of the SVD init
+        torch.cuda.reset_peak_memory_stats()
     else:
-        model = get_goat_model(model, GOAT_CONFIG)
-        model = patch_layers(model, variant) if variant != "goat" else model
+        Path("/proc/self/clear_refs").write_text("5")
     step = make_step(model, make_batch(args))
     for _ in range(5):  # glibc's footprint grows over the first 3 steps, then stays
         step()
@@ -136,7 +148,7 @@ def memory_in_subprocess(args: argparse.Namespace, variant: str, targets: list[s
     back to the OS when freed; RSS then follows the live tensors. Unpinned, glibc raises the threshold as big
     blocks are freed and serves them from a heap that fragments: RSS then also measures the allocator."""
     command = [sys.executable, __file__, "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch)]
-    command += ["--seq", str(args.seq), "--threads", str(torch.get_num_threads())]
+    command += ["--seq", str(args.seq), "--threads", str(torch.get_num_threads()), "--r", str(args.r)]
     command += ["--memory-of", variant, "--targets", *targets]
     env = os.environ | ({"MALLOC_MMAP_THRESHOLD_": "65536"} if pinned else {})
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
@@ -189,44 +201,76 @@ def verdict(ok: bool, target: str) -> str:
     return f"{target}: " + ("met" if ok else "**not met**")
 
 
-def print_report(args: argparse.Namespace, times: dict[str, list[float]], extra: dict[str, float]) -> None:
-    extra |= {f"{name}_step_s": statistics.median(seconds) for name, seconds in times.items()}
+def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median of the per-round ratios: robust to the machine slowing down between rounds."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
 
-    def row(
-        measure: str, key: str, fmt: str, target: float | None = None, variant: str = "goat", note: str = ""
-    ) -> None:
-        goat, lora = extra[f"{variant}_{key}"], extra[f"lora_{key}"]
-        pairs = zip(times[variant], times["lora"], strict=True)
-        ratio = statistics.median(g / lo for g, lo in pairs) if key == "step_s" else goat / lora
-        note = note or ("" if target is None else verdict(ratio <= target, f"<= {target:.2f}x"))
-        print(f"| {measure} | {goat:{fmt}} | {lora:{fmt}} | {ratio:.3f}x | {note} |")
 
-    print(
-        f"\nSmolLM2-135M-Instruct, {args.dtype} base, {args.device} ({torch.get_num_threads()} threads), batch "
-        f"{args.batch} x {args.seq} tokens, AdamW; {extra['targets']:.0f} adapted Linears; r=32 (GOAT: E=8, k=2, "
-        f"d=4); step = median of {args.repeats} interleaved steps, ratio = median of per-pair ratios\n"
-    )
-    print("| measure | GOAT | PEFT LoRA | GOAT/LoRA | target |")
-    print("|---|---:|---:|---:|---|")
+def report(args: argparse.Namespace, r: int, steps: dict, forwards: dict, extra: dict[str, float]) -> str:
+    med = {name: statistics.median(t) for name, t in steps.items()}
+    fwd = {name: statistics.median(t) for name, t in forwards.items()}
+    lines = [
+        f"SmolLM2-135M-Instruct, {args.dtype} base, {args.device} ({torch.get_num_threads()} threads), batch "
+        f"{args.batch} x {args.seq} tokens, AdamW; {extra['targets']:.0f} adapted Linears; r={r} (GOAT: E=8, k=2, "
+        f"d={r // 8}); median of {args.repeats} interleaved rounds, ratio = median of per-round ratios",
+        "",
+        "| measure | GOAT | PEFT LoRA | GOAT/LoRA | target |",
+        "|---|---:|---:|---:|---|",
+    ]
+
+    def row(measure: str, goat: float, lora: float, ratio: float, fmt: str, note: str = "") -> None:
+        lines.append(f"| {measure} | {goat:{fmt}} | {lora:{fmt}} | {ratio:.3f}x | {note} |")
+
+    step_ratio = paired_ratio(steps, "goat", "lora")
+    row("training step (s)", med["goat"], med["lora"], step_ratio, ".3f", verdict(step_ratio <= 1.05, "<= 1.05x"))
+    autograd_ratio = paired_ratio(steps, "autograd", "lora")
+    row("training step, GOAT autograd path (0.2) (s)", med["autograd"], med["lora"], autograd_ratio, ".3f", "before")
+    fwd_ratio = paired_ratio(forwards, "goat", "lora")
+    row("eval forward, no grad (s)", fwd["goat"], fwd["lora"], fwd_ratio, ".3f", verdict(fwd_ratio <= 1.05, "<= 1.05x"))
+    autograd_fwd = paired_ratio(forwards, "autograd", "lora")
+    row("eval forward, GOAT autograd path (0.2) (s)", fwd["autograd"], fwd["lora"], autograd_fwd, ".3f", "before")
     memory = "max_memory_allocated" if args.device.startswith("cuda") else "live tensors"
-    row("training step (s)", "step_s", ".3f", 1.10)
-    row(f"peak memory over the base, {memory} (MiB)", "peak_mib", ".0f", 1.10)
-    if not args.device.startswith("cuda"):
-        row("peak RSS over the base, glibc default heap (MiB)", "heap_peak_mib", ".0f")
-    for variant in PATCHED if args.patched else ():
-        row(f"training step, {variant} patch (s)", "step_s", ".3f", 1.10, variant)
-        row(f"peak memory, {variant} patch, {memory} (MiB)", "peak_mib", ".0f", 1.10, variant)
-    row(
-        "trainable parameters",
-        "trainable",
-        ",.0f",
-        note=f"GOAT adds {extra['goat_residual_buffers']:,.0f} frozen factors",
-    )
-    row("init: get_goat_model / get_peft_model (s)", "init_s", ".2f")
-    row(
-        "adapter load onto a loaded base (s)", "load_s", ".3f", note=verdict(extra["goat_load_s"] <= 1.0, "GOAT <= 1 s")
-    )
-    row("adapter folder (MiB)", "file_mib", ".1f")
+    goat_mem, lora_mem = extra["goat_peak_mib"], extra["lora_peak_mib"]
+    note = verdict(goat_mem <= 1.10 * lora_mem, "<= 1.10x")
+    row(f"peak memory of the step over the base, {memory} (MiB)", goat_mem, lora_mem, goat_mem / lora_mem, ".0f", note)
+    note = f"GOAT also holds {extra['goat_residual_buffers']:,.0f} frozen residual factors"
+    goat_p, lora_p = extra["goat_trainable"], extra["lora_trainable"]
+    row("trainable parameters", goat_p, lora_p, goat_p / lora_p, ",.0f", note)
+    row("init: get_goat_model / get_peft_model (s)", extra["goat_init_s"], extra["lora_init_s"],
+        extra["goat_init_s"] / extra["lora_init_s"], ".2f")
+    if "goat_load_s" in extra:
+        note = verdict(extra["goat_load_s"] <= 1.0, "GOAT <= 1 s")
+        row("adapter load onto a loaded base (s)", extra["goat_load_s"], extra["lora_load_s"],
+            extra["goat_load_s"] / extra["lora_load_s"], ".3f", note)
+        row("adapter folder (MiB)", extra["goat_file_mib"], extra["lora_file_mib"],
+            extra["goat_file_mib"] / extra["lora_file_mib"], ".1f")
+    return "\n".join(lines)
+
+
+def time_rank(args: argparse.Namespace, r: int) -> tuple[dict, dict, dict, nn.Module, nn.Module]:
+    """Build GOAT, its autograd-path twin and LoRA at rank r; time steps and eval forwards, interleaved."""
+    base = load_base(args)
+    start = time.perf_counter()
+    goat = get_goat_model(base, goat_config(r))
+    extra = {"goat_init_s": time.perf_counter() - start}
+    targets = list(goat_layers(goat))
+    with tempfile.TemporaryDirectory() as folder:  # the same adapter on a fresh base, no second SVD
+        save_goat_adapter(goat, folder)
+        autograd = use_autograd_path_everywhere(load_goat_adapter(load_base(args), folder))
+    base = load_base(args)
+    start = time.perf_counter()
+    lora = lora_model(base, targets, r)
+    extra["lora_init_s"] = time.perf_counter() - start
+    extra["targets"] = len(targets)
+    batch = make_batch(args)
+    models = {"goat": goat, "lora": lora, "autograd": autograd}
+    steps = time_steps({name: make_step(model, batch) for name, model in models.items()}, args.repeats, args)
+    forwards = time_steps({name: make_forward(model, batch) for name, model in models.items()}, args.repeats, args)
+    print(f"r={r}: steps and forwards timed", flush=True)
+    if args.profile:
+        for name, model in models.items():
+            profile_step(make_step(model, batch), f"{name} r={r}")
+    return steps, forwards, extra, goat, lora
 
 
 def main() -> None:
@@ -235,12 +279,14 @@ def main() -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="base weights (adapters stay fp32)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=8, help="interleaved timed steps per variant")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32], help="total ranks r to measure")
+    parser.add_argument("--repeats", type=int, default=8, help="interleaved timed rounds per variant")
     parser.add_argument("--load-tries", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
-    parser.add_argument("--patched", action="store_true", help="also the proposed forwards (patched_layers.py)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2, as issue 10 asks)")
     parser.add_argument("--profile", action="store_true", help="also print the top ops of one step of each")
-    parser.add_argument("--memory-of", choices=["goat", "lora", *PATCHED], help=argparse.SUPPRESS)  # subprocess
+    parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
+    parser.add_argument("--memory-of", choices=["goat", "lora"], help=argparse.SUPPRESS)  # subprocess
+    parser.add_argument("--r", type=int, default=8, help=argparse.SUPPRESS)  # subprocess
     parser.add_argument("--targets", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -248,37 +294,23 @@ def main() -> None:
     if args.memory_of:
         print(json.dumps(measure_memory(args, args.memory_of)))
         return
-    base = load_base(args)
-    start = time.perf_counter()
-    goat = get_goat_model(base, GOAT_CONFIG)
-    extra = {"goat_init_s": time.perf_counter() - start}
-    targets = list(goat_layers(goat))
-    print(f"all-linear targets {len(targets)} Linears: {sorted({t.rsplit('.', 1)[-1] for t in targets})}", flush=True)
-    base = load_base(args)
-    start = time.perf_counter()
-    lora = lora_model(base, targets)
-    extra["lora_init_s"] = time.perf_counter() - start
-    batch = make_batch(args)
-    steps = {"goat": make_step(goat, batch), "lora": make_step(lora, batch)}
-    for variant in PATCHED if args.patched else ():
-        with tempfile.TemporaryDirectory() as folder:  # the same adapter on a fresh base, no second SVD
-            save_goat_adapter(goat, folder)
-            steps[variant] = make_step(patch_layers(load_goat_adapter(load_base(args), folder), variant), batch)
-    times = time_steps(steps, args.repeats, args)
-    print("steps timed", flush=True)
-    if args.profile:
-        for name in steps:
-            profile_step(steps[name], name)
-    extra |= time_loads(args, goat, lora, args.load_tries)
-    del goat, lora, steps
-    gc.collect()
-    for variant in ["goat", "lora", *(PATCHED if args.patched else ())]:
-        extra |= {f"{variant}_{k}": v for k, v in memory_in_subprocess(args, variant, targets, pinned=True).items()}
-        if variant in ("goat", "lora") and not args.device.startswith("cuda"):
-            heap = memory_in_subprocess(args, variant, targets, pinned=False)
-            extra[f"{variant}_heap_peak_mib"] = heap["peak_mib"]
-    extra["targets"] = len(targets)
-    print_report(args, times, extra)
+    results = {}
+    for index, r in enumerate(args.ranks):
+        steps, forwards, extra, goat, lora = time_rank(args, r)
+        if index == 0:
+            extra |= time_loads(args, goat, lora, args.load_tries)
+        targets = list(goat_layers(goat))
+        del goat, lora
+        gc.collect()
+        args.r = r
+        for variant in ("goat", "lora"):
+            memory = memory_in_subprocess(args, variant, targets, pinned=True)
+            extra |= {f"{variant}_{k}": v for k, v in memory.items()}
+        table = report(args, r, steps, forwards, extra)
+        print("\n" + table + "\n", flush=True)
+        results[f"r{r}"] = {"steps_s": steps, "forwards_s": forwards, **extra}
+    if args.out:
+        args.out.write_text(json.dumps({"threads": args.threads, "device": args.device, **results}, indent=1))
 
 
 def profile_step(step: Callable[[], None], name: str) -> None:

@@ -29,7 +29,7 @@ from transformers import set_seed
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_tasks import ClassificationCollator, minilm_classifier  # noqa: E402
 
-from goat_hf import GoatConfig, get_goat_model, goat_layers  # noqa: E402
+from goat_hf import GoatConfig, get_goat_model, goat_layers, record_routing  # noqa: E402, record_routing
 from goat_hf.tasks.tweets import tweet_splits  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -78,7 +78,8 @@ def measure(variant: dict[str, Any], batch: dict[str, torch.Tensor], lr: float, 
     full = full_gradients(full_model, batch, names)
     get_goat_model(model, config)
     model.zero_grad()
-    model(**batch).loss.backward()
+    with record_routing(model):  # an eval-mode model (no dropout) keeps its routing record only on request
+        model(**batch).loss.backward()
     layers = goat_layers(model)
     result: dict[str, Any] = {"scaling": {name: layers[name].scaling for name in names}}
     for optimiser in ("sgd", "adam"):

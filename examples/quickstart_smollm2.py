@@ -17,6 +17,7 @@ from goat_hf import (
     goat_layers,
     load_goat_adapter,
     print_trainable_parameters,
+    record_routing,
     save_goat_adapter,
 )
 from goat_hf.tasks.assets import smollm2_path
@@ -52,7 +53,7 @@ def main() -> None:
     print_trainable_parameters(model)
 
     inputs = tokenizer(SENTENCE, return_tensors="pt")
-    with torch.no_grad():
+    with torch.no_grad(), record_routing(model):  # evaluation keeps no routing record unless asked
         logits = model(**inputs).logits
     tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
     print(f"Experts each token of {SENTENCE!r} is routed to (token:expert+expert):")

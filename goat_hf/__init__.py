@@ -11,6 +11,7 @@ from .model import (
     get_goat_model,
     goat_layers,
     print_trainable_parameters,
+    record_routing,
     trainable_parameter_counts,
     unload_goat,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "load_goat_model",
     "print_trainable_parameters",
     "push_goat_adapter",
+    "record_routing",
     "resolve_adapter_folder",
     "save_goat_adapter",
     "trainable_parameter_counts",

@@ -47,10 +47,20 @@ def segment_starts(h: int, config: GoatConfig, generator: torch.Generator | None
     raise ValueError(f"init={config.init!r} has no SVD segments.")
 
 
+def svd_device(weight_device: torch.device) -> torch.device:
+    """Where a layer's SVD runs: the weight's accelerator, or an available accelerator for a CPU weight (the
+    init of a 7B model is hundreds of SVDs), else the CPU. The factors go back to the weight's device."""
+    if weight_device.type != "cpu":
+        return weight_device
+    if torch.accelerator.is_available():
+        return torch.accelerator.current_accelerator()
+    return weight_device
+
+
 def expert_factors(
     weight: torch.Tensor, config: GoatConfig, scaling: float, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacked expert factors (A [E*d, n], B [m, E*d]) in fp32, computed on the weight's device."""
+    """Stacked expert factors (A [E*d, n], B [m, E*d]) in fp32 on the weight's device (the SVD on `svd_device`)."""
     m, n = weight.shape
     if config.init == "zero":
         A = torch.empty(config.r, n, dtype=torch.float32)  # drawn on the CPU so a seed means the same on any device
@@ -58,13 +68,16 @@ def expert_factors(
             torch.nn.init.kaiming_uniform_(expert, a=math.sqrt(5), generator=generator)
         return A.to(weight.device), torch.zeros(m, config.r, device=weight.device, dtype=torch.float32)
 
-    U, S, Vh = torch.linalg.svd(weight.detach().to(getattr(torch, config.svd_dtype)), full_matrices=False)
+    device = svd_device(weight.device)
+    matrix = weight.detach().to(device=device, dtype=getattr(torch, config.svd_dtype))
+    U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
     starts = segment_starts(min(m, n), config, generator)
-    index = torch.cat([torch.arange(start, start + config.expert_rank) for start in starts]).to(weight.device)
+    index = torch.cat([torch.arange(start, start + config.expert_rank) for start in starts]).to(device)
     root_s = S[index].sqrt() / math.sqrt(scaling * config.rho)  # [r]
     B = U[:, index] * root_s  # [m, r]
     A = root_s[:, None] * Vh[index]  # [r, n]
-    return A.to(torch.float32).contiguous(), B.to(torch.float32).contiguous()
+    back = {"device": weight.device, "dtype": torch.float32}
+    return A.to(**back).contiguous(), B.to(**back).contiguous()
 
 
 def aligned_scaling(config: GoatConfig, unit_A: torch.Tensor, unit_B: torch.Tensor) -> float:

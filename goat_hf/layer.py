@@ -6,11 +6,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base_weights import dense_weight
 from .config import GoatConfig
+from .fused import FusedGoatFunction, routing_gates, small_softmax
 from .init import scaled_expert_factors
 
 
@@ -57,7 +57,8 @@ class GoatLinear(nn.Module):
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.adapter_enabled = True
         self.token_mask: torch.Tensor | None = None  # over x.shape[:-1] (matched by shape); 0 marks padding
-        self.routing: RoutingRecord | None = None
+        self.routing: RoutingRecord | None = None  # training with grad only, unless record_routing
+        self.record_routing = False  # True: record in evaluation and under no_grad too (goat_hf.record_routing)
 
     @classmethod
     def from_linear(
@@ -92,41 +93,83 @@ class GoatLinear(nn.Module):
         return self.base_layer.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)  # [..., m]  W0 x
         if not self.adapter_enabled:
-            return result
-        E, d = self.num_experts, self.expert_rank
+            return self.base_layer(x)  # [..., m]  W0 x, exactly
+        with_dropout = self.training and isinstance(self.dropout, nn.Dropout)
+        result = None if not with_dropout and self._base_fuses(x) else self.base_layer(x)  # None: W0 x fused
         with torch.autocast(x.device.type, enabled=False):  # experts and router run in fp32 under bf16 autocast too
             tokens_shape = x.shape[:-1]  # the mask must match it, not just its element count
             x = x.reshape(-1, self.in_features).to(torch.float32)  # [T, n]
-            gates = self._route(x, tokens_shape) * self.scaling  # [T, E], s times k weights per token summing to 1
-            h = self.dropout(x) @ self.expert_A.T  # [T, E*d]
-            h = (h.view(-1, E, d) * gates.unsqueeze(-1)).view(-1, E * d)  # each expert's d columns times s*w_j
-            delta = h @ self.expert_B.T  # [T, m]  sum_j w_j s B_j A_j x
-            if self.residual_A is not None:  # W_res - W0 = -c*s*B0*A0, scaled on the rank-r side (cheaper)
-                correction = (x @ self.residual_A.T) * (-self.init_cof * self.scaling)  # [T, r]
-                delta = delta.addmm_(correction, self.residual_B.T)  # in place: mm outputs are not saved
+            if with_dropout:
+                return self._forward_with_dropout(x, result, tokens_shape)
+            out, probs, top_experts = self._fused(x, result)
+            self.routing = self._record(probs, top_experts, tokens_shape) if probs is not None else None
+        if result is None or result.dtype == torch.float32:
+            return out.view(*tokens_shape, self.out_features)
+        return result + out.view(result.shape).to(result.dtype)
+
+    def _fused(self, x: torch.Tensor, result: torch.Tensor | None) -> tuple:
+        """The fused Function; W0 x + b is computed inside it when `result` is None (see `forward`)."""
+        if result is None:  # a plain fp32 frozen Linear: its dx joins the adapter's pass
+            weight, bias, base = self.base_layer.weight, self.base_layer.bias, None
+        else:
+            weight = bias = None
+            base = result.reshape(-1, self.out_features) if result.dtype == torch.float32 else None
+        return FusedGoatFunction.apply(
+            x, weight, bias, base, self.router.weight, self.expert_A, self.expert_B, self.residual_A,
+            self.residual_B, self.scaling, -self.init_cof * self.scaling, self.top_k, self._records_routing(),
+        )
+
+    def _base_fuses(self, x: torch.Tensor) -> bool:
+        """Whether W0 x + b can run inside the fused Function: a plain fp32 nn.Linear, frozen, without hooks (an
+        accelerate offload hook must see its call), outside autocast (which would run it in bf16)."""
+        base = self.base_layer
+        return (
+            type(base) is nn.Linear
+            and base.weight.dtype == x.dtype == torch.float32
+            and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+
+    def _forward_with_dropout(self, x: torch.Tensor, result: torch.Tensor, tokens_shape: torch.Size) -> torch.Tensor:
+        """Training with dropout > 0: the experts see dropout(x), the router and the residual x (autograd ops)."""
+        E, d = self.num_experts, self.expert_rank
+        logits = self.router(x)  # [T, E]
+        gates, top_experts = routing_gates(logits, self.top_k, self.scaling)
+        probs = small_softmax(logits) if self._records_routing() else None
+        h = self.dropout(x) @ self.expert_A.T  # [T, E*d]
+        delta = (h.view(-1, E, d) * gates.unsqueeze(-1)).view(-1, E * d) @ self.expert_B.T  # [T, m]
+        if self.residual_A is not None:  # W_res - W0 = -c*s*B0*A0, scaled on the rank-r side (cheaper)
+            correction = (x @ self.residual_A.T) * (-self.init_cof * self.scaling)  # [T, r]
+            delta = delta.addmm_(correction, self.residual_B.T)  # in place: mm outputs are not saved
+        self.routing = self._record(probs, top_experts, tokens_shape) if probs is not None else None
         return result + delta.view(result.shape).to(result.dtype)
 
-    def _route(self, x: torch.Tensor, tokens_shape: torch.Size) -> torch.Tensor:
-        """Top-k routing weights [T, E]; records the routing and the balance loss of this forward."""
-        probs = F.softmax(self.router(x), dim=-1)  # [T, E]
-        top_w, top_i = probs.topk(self.top_k, dim=-1)  # [T, k]
-        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        picks = torch.zeros_like(probs).scatter_(1, top_i, 1.0)  # [T, E], 1 where expert j is picked
+    def _records_routing(self) -> bool:
+        """The routing record and balance loss exist in training with grad, or on request (`record_routing`)."""
+        return self.record_routing or (self.training and torch.is_grad_enabled())
+
+    def _record(self, probs: torch.Tensor, top_experts: torch.Tensor, tokens_shape: torch.Size) -> RoutingRecord:
+        """What this forward routed, and its balance loss E·Σ f_j·P_j over the real tokens (differentiable in the
+        router probabilities [T, E]: the balance loss trains the router)."""
+        T, k = top_experts.shape
         real = self._real_tokens(tokens_shape, probs)  # [T, 1] or None: every token is real
+        weights = probs.new_ones(T, 1) if real is None else real
+        picks = probs.new_zeros(self.num_experts)  # [E] how many real tokens picked each expert
+        picks.scatter_add_(0, top_experts.reshape(-1), weights.expand(T, k).reshape(-1))
         if real is None:
-            f, P = picks.mean(0), probs.mean(0)  # [E] picks per token, mean router probability
+            f, P = picks / T, probs.sum(0) / T  # [E] picks per token, mean router probability
         else:
             num_real = real.sum().clamp(min=1.0)
-            f, P = (picks * real).sum(0) / num_real, (probs * real).sum(0) / num_real
-        self.routing = RoutingRecord(
+            f, P = picks / num_real, (probs * real).sum(0) / num_real
+        return RoutingRecord(
             probs=probs.detach(),
-            top_experts=top_i,
-            expert_load=f.detach() / self.top_k,
+            top_experts=top_experts,
+            expert_load=f.detach() / k,
             balance_loss=self.num_experts * (f * P).sum(),
         )
-        return torch.zeros_like(probs).scatter_(1, top_i, top_w)
 
     def _real_tokens(self, tokens_shape: torch.Size, probs: torch.Tensor) -> torch.Tensor | None:
         """[T, 1] weights, 0 for padding, from a token mask of this input's token shape; else None.

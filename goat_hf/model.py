@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.utils import logging as hf_logging
 
 from .base_weights import check_base_layer, hold_standard_layout, looks_quantized, release_standard_layout, was_repacked
 from .config import GoatConfig
@@ -55,11 +56,9 @@ def get_goat_model(model: nn.Module, config: GoatConfig | None = None) -> nn.Mod
             len(too_small), config.r, ", ".join(too_small),
         )
     generator = torch.Generator().manual_seed(config.seed)
-    layers = {
-        name: GoatLinear.from_linear(linear, config, generator)
-        for name, linear in targets.items()
-        if name not in too_small
-    }
+    todo = {name: linear for name, linear in targets.items() if name not in too_small}
+    progress = hf_logging.tqdm(todo.items(), desc="GOAT init", unit="layer", disable=len(todo) < 2 or None)
+    layers = {name: GoatLinear.from_linear(linear, config, generator) for name, linear in progress}
     attach_goat_layers(model, config, layers, heads)
     return model
 
@@ -248,6 +247,25 @@ def disable_goat(model: nn.Module) -> Iterator[nn.Module]:
             tensor.data = trained
         for layer, enabled in zip(layers, previous, strict=True):
             layer.adapter_enabled = enabled
+
+
+@contextlib.contextmanager
+def record_routing(model: nn.Module) -> Iterator[nn.Module]:
+    """Keep each GOAT layer's routing record (`layer.routing`) in evaluation and under `torch.no_grad()` too.
+
+    Outside training with grad the layers record nothing (the forward is W0 x plus the gated term, no balance loss
+    and no routing record, so evaluation and `generate` cost what LoRA's do); this block asks for the record, e.g.
+    to look at which experts a prompt's tokens went to.
+    """
+    layers = goat_layers(model).values()
+    previous = [layer.record_routing for layer in layers]
+    for layer in layers:
+        layer.record_routing = True
+    try:
+        yield model
+    finally:
+        for layer, recording in zip(layers, previous, strict=True):
+            layer.record_routing = recording
 
 
 def _swap_heads(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -136,9 +136,10 @@ class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
             return result  # no balance loss in evaluation
         loss, outputs = result if return_outputs else (result, None)
         records = [layer.routing for layer in self._goat_layers if layer.routing is not None]
-        aux = sum(record.balance_loss for record in records) if records else loss.new_zeros(())
+        balance = torch.stack([record.balance_loss for record in records]) if records else None  # [layers]
+        aux = balance.sum() if records else loss.new_zeros(())
         steps = self.current_gradient_accumulation_steps if scaled else 1  # Trainer divides the rest itself
-        self._collect_metrics(loss.detach() * steps, aux.detach(), records)
+        self._collect_metrics(loss.detach() * steps, aux.detach(), records, balance)
         if self.aux_loss_coef:
             self._check_aux_gradient(aux)
             loss = loss + self.aux_loss_coef * aux / steps
@@ -155,13 +156,15 @@ class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
 
     # ---- metrics (collected per step, merged into the logs) ----
 
-    def _collect_metrics(self, task_loss: torch.Tensor, aux: torch.Tensor, records: list) -> None:
+    def _collect_metrics(
+        self, task_loss: torch.Tensor, aux: torch.Tensor, records: list, balance: torch.Tensor | None
+    ) -> None:
         """Per step: the task loss, the balance loss per layer over k (1.0 = balanced) and the expert loads."""
         self._goat_metrics["task_loss"].append(task_loss.float())
         top_k = self._goat_layers[0].top_k if self._goat_layers else 1
         self._goat_metrics["aux_loss"].append(aux.float() / (top_k * max(len(records), 1)))  # mean over layers
         if records and len(records) == len(self._goat_layers):
-            self._goat_metrics["layer_aux"].append(torch.stack([r.balance_loss.detach() for r in records]) / top_k)
+            self._goat_metrics["layer_aux"].append(balance.detach() / top_k)
             self._goat_metrics["loads"].append(torch.stack([record.expert_load for record in records]))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

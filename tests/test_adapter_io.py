@@ -15,6 +15,7 @@ from goat_hf import (
     get_goat_model,
     goat_layers,
     load_goat_adapter,
+    record_routing,
     save_goat_adapter,
     trainable_parameter_counts,
 )
@@ -57,7 +58,7 @@ def test_save_load_llama_is_bit_exact_without_svd(tmp_path, init, monkeypatch):
         assert loaded.state_dict().keys() == layer.state_dict().keys()
         for key, value in layer.state_dict().items():
             assert torch.equal(loaded.state_dict()[key], value), f"{name}.{key}"
-    with torch.no_grad():  # the balance-loss mask hook is back too
+    with torch.no_grad(), record_routing(fresh), record_routing(model):  # the balance-loss mask hook is back too
         fresh(**batch)
         model(**batch)
     for name, layer in goat_layers(model).items():

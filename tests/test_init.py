@@ -180,3 +180,17 @@ def test_single_expert_is_pissa(init):
     torch.testing.assert_close(delta, peft_delta, rtol=0, atol=2e-5)
     W_res = base.weight.double() - layer.scaling * layer.residual_B.double() @ layer.residual_A.double()
     torch.testing.assert_close(W_res, peft_layer.base_layer.weight.double(), rtol=0, atol=2e-5)
+
+
+def test_the_svd_runs_on_an_available_accelerator_and_stays_on_a_weights_own(monkeypatch):
+    """A CPU model's init uses an accelerator when there is one (then the factors come back); a weight already on
+    an accelerator (or the meta device) keeps its SVD there; with none, the CPU."""
+    from goat_hf.init import svd_device
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    assert svd_device(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda", 0))
+    assert svd_device(torch.device("cpu")) == torch.device("cuda", 0)
+    assert svd_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert svd_device(torch.device("meta")) == torch.device("meta")

@@ -16,6 +16,8 @@ N_IN, N_OUT = 48, 40  # n = in_features, m = out_features; h = min = 40
 # (E, k): every top-k in {1, 2, E} that exists for E in {1, 2, 8}
 EXPERTS_TOPK = sorted({(E, k) for E in (1, 2, 8) for k in (1, 2, E) if k <= E})
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BASE_DTYPES = DTYPES | {"fp16": torch.float16}  # fp16 bases too, where the layer is compared with the loop
+HALF_EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}  # rounding of one half-precision result
 INPUT_SHAPES = {"2d": (6, N_IN), "3d": (2, 5, N_IN)}
 RANK = {1: 4, 2: 8, 8: 16}  # total rank r per expert count (d = 4, 4, 2)
 
@@ -44,21 +46,37 @@ def trained_like(layer: GoatLinear) -> GoatLinear:
     return layer
 
 
-def task_and_balance_grads(layer: GoatLinear, y: torch.Tensor, balance: torch.Tensor, direction: torch.Tensor):
-    """Gradients of (y * direction).sum() w.r.t. experts and router, and of the balance loss w.r.t. the router."""
-    params = [layer.expert_A, layer.expert_B, layer.router.weight]
-    task = torch.autograd.grad((y.double() * direction.double()).sum(), params, retain_graph=True)
-    (router,) = torch.autograd.grad(balance, [layer.router.weight])
-    return dict(zip(["expert_A", "expert_B", "router.weight"], task, strict=True)), router
+GRAD_NAMES = ["expert_A", "expert_B", "router.weight", "input"]
+
+
+def task_and_balance_grads(layer: GoatLinear, x: torch.Tensor, y: torch.Tensor, balance: torch.Tensor,
+                           direction: torch.Tensor) -> tuple[dict, torch.Tensor, dict]:
+    """Gradients w.r.t. experts, router and input of the task loss (y * direction).sum(), of the balance loss
+    alone (router), and of task + 0.7 * balance in one backward (what a training step sends)."""
+    params = [layer.expert_A, layer.expert_B, layer.router.weight, x]
+    task_loss = (y.double() * direction.double()).sum()
+    task = torch.autograd.grad(task_loss, params, retain_graph=True)
+    (router,) = torch.autograd.grad(balance, [layer.router.weight], retain_graph=True)
+    both = torch.autograd.grad(task_loss + 0.7 * balance.double(), params)
+    return dict(zip(GRAD_NAMES, task, strict=True)), router, dict(zip(GRAD_NAMES, both, strict=True))
+
+
+def assert_grads_close(grads: dict, reference: dict, dtype: torch.dtype) -> None:
+    """Each gradient within a tolerance relative to its largest entry: rounding of fp32 (or bf16 for the input
+    gradient of a bf16 base, whose W0 x backward runs in bf16) against the fp64 reference."""
+    for name, grad in grads.items():
+        scale = reference[name].abs().max().item()
+        rtol, atol = (2**-6, 2**-6 * scale) if name == "input" and dtype != torch.float32 else (1e-4, 1e-5 * scale)
+        torch.testing.assert_close(grad, reference[name].to(grad.dtype), rtol=rtol, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize("shape", INPUT_SHAPES.values(), ids=INPUT_SHAPES.keys())
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("dtype", BASE_DTYPES.values(), ids=BASE_DTYPES.keys())
 @pytest.mark.parametrize(("num_experts", "top_k"), EXPERTS_TOPK, ids=[f"E{E}-k{k}" for E, k in EXPERTS_TOPK])
 @pytest.mark.parametrize("init", INIT_MODES)
 def test_fused_forward_and_gradients_match_per_expert_reference(init, num_experts, top_k, dtype, shape):
     layer = trained_like(make_layer(init, num_experts, top_k, dtype))
-    x = torch.randn(shape).to(dtype)
+    x = torch.randn(shape).to(dtype).requires_grad_()
     direction = torch.randn(*shape[:-1], N_OUT).to(dtype)  # a fixed random loss direction
 
     y = layer(x)
@@ -70,25 +88,30 @@ def test_fused_forward_and_gradients_match_per_expert_reference(init, num_expert
     assert y.dtype == dtype and y.shape == (*shape[:-1], N_OUT)
     if dtype == torch.float32:
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
-    else:  # base output, delta and their sum are each rounded to bf16 (8 bits): a few ulps apart at most
+    else:  # base output, delta and their sum are each rounded to bf16/fp16: a few ulps apart at most
         base = plain_linear_forward(layer.base_layer, x).float()
         delta = (y_ref.float() - base).abs()
-        bound = 2.0**-7 * (base.abs() + delta + y_ref.float().abs()) + 1e-6
+        bound = HALF_EPS[dtype] * (base.abs() + delta + y_ref.float().abs()) + 1e-6
         assert ((y.float() - y_ref.float()).abs() <= bound).all()
         assert delta.max() > 5 * bound.max(), "adapter term too small to test in bf16"
     torch.testing.assert_close(balance.double(), balance_ref, rtol=1e-5, atol=1e-6)
 
-    task, router = task_and_balance_grads(layer, y, balance, direction)
-    task_ref, router_ref = task_and_balance_grads(layer, y_ref, balance_ref, direction)
+    task, router, both = task_and_balance_grads(layer, x, y, balance, direction)
+    task_ref, router_ref, both_ref = task_and_balance_grads(layer, x, y_ref, balance_ref, direction)
     # The gradient the task loss sends through the k routing weights is 0 for k = 1 (w = p/p) and rounding
     # noise of the order of the experts' gradients there: tolerances are relative to the largest gradient.
-    scale = max(g.abs().max().item() for g in task_ref.values())
-    for name, grad in task.items():
-        torch.testing.assert_close(grad, task_ref[name].to(grad.dtype), rtol=1e-4, atol=1e-5 * scale)
+    scale = max(task_ref[name].abs().max().item() for name in GRAD_NAMES[:3])
+    for name in GRAD_NAMES[:3]:
+        torch.testing.assert_close(task[name], task_ref[name].to(task[name].dtype), rtol=1e-4, atol=1e-5 * scale)
+    assert_grads_close({"input": task["input"]}, task_ref, dtype)
     assert task_ref["expert_A"].abs().max() > 0 and task_ref["expert_B"].abs().max() > 0
     assert (task_ref["router.weight"].abs().max() > 1e-3 * scale) == (top_k > 1)
     # With k = E every f_j is 1 and the balance loss is the constant E: its gradient is 0 up to rounding.
     torch.testing.assert_close(router, router_ref.to(router.dtype), rtol=1e-4, atol=1e-6)
+    both_scale = max(both_ref[name].abs().max().item() for name in GRAD_NAMES[:3])
+    for name in GRAD_NAMES[:3]:
+        torch.testing.assert_close(both[name], both_ref[name].to(both[name].dtype), rtol=1e-4, atol=1e-5 * both_scale)
+    assert_grads_close({"input": both["input"]}, both_ref, dtype)
     if num_experts == 8 and top_k < num_experts:  # (with E = 2, f_0 = f_1 also gives 0)
         assert router_ref.abs().max() > 1e-4
 
@@ -189,6 +212,7 @@ def test_adapter_path_stays_fp32_under_bf16_autocast():
     """Under autocast only the base matmul drops to bf16: routing and experts compute as without autocast."""
     layer = make_layer("goat", 8, 2)
     perturb_(layer.expert_B, layer.router.weight)
+    layer.record_routing = True  # under no_grad the layer records only on request
     x = torch.randn(4, 6, N_IN)
     with torch.no_grad():
         reference = layer(x) - layer.base_layer(x)  # the adapter term in plain fp32
@@ -246,6 +270,33 @@ def test_dropout_mask_is_shared_by_the_experts():
     layer.eval()  # no dropout at eval: the plain reference
     plain = reference_goat_forward(layer, x, W_res)[0].float()
     torch.testing.assert_close(layer(x), plain, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("dtype", BASE_DTYPES.values(), ids=BASE_DTYPES.keys())
+@pytest.mark.parametrize(("num_experts", "top_k"), EXPERTS_TOPK, ids=[f"E{E}-k{k}" for E, k in EXPERTS_TOPK])
+@pytest.mark.parametrize("init", ["goat", "zero"])
+def test_dropout_forward_and_gradients_match_per_expert_reference(init, num_experts, top_k, dtype):
+    """Training with dropout > 0 (its own path): outputs and every gradient against the loop with the same mask."""
+    layer = trained_like(make_layer(init, num_experts, top_k, dtype, lora_dropout=0.3)).train()
+    x = torch.randn(2, 5, N_IN).to(dtype).requires_grad_()
+    direction = torch.randn(2, 5, N_OUT).to(dtype)
+    W_res = svd_residual(layer.base_layer.weight, layer_config(init, num_experts, top_k))
+
+    torch.manual_seed(5)
+    y = layer(x)
+    balance = layer.routing.balance_loss
+    torch.manual_seed(5)
+    shared = F.dropout(x.float(), p=0.3, training=True)  # the one mask the layer drew, differentiable in x
+    y_ref, balance_ref = reference_goat_forward(layer, x, W_res, expert_inputs=[shared] * num_experts)
+
+    scale = y_ref.float().abs().max().item()
+    rtol = 1e-5 if dtype == torch.float32 else 2**-6  # bf16: the base output and the sum are rounded to bf16
+    tolerance = {"rtol": rtol, "atol": rtol * scale}
+    torch.testing.assert_close(y.float(), y_ref.float(), **tolerance)
+    torch.testing.assert_close(balance.double(), balance_ref, rtol=1e-5, atol=1e-6)
+    _, _, both = task_and_balance_grads(layer, x, y, balance, direction)
+    _, _, both_ref = task_and_balance_grads(layer, x, y_ref, balance_ref, direction)
+    assert_grads_close(both, both_ref, dtype)
 
 
 def test_dropout_does_not_touch_the_residual_path():

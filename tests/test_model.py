@@ -18,6 +18,7 @@ from goat_hf import (
     get_goat_model,
     goat_layers,
     print_trainable_parameters,
+    record_routing,
     trainable_parameter_counts,
     unload_goat,
 )
@@ -215,7 +216,7 @@ def test_attention_mask_reaches_every_layer():
     train_like_(model)
     batch = token_batch()
     real = batch["attention_mask"].reshape(-1).bool()
-    with torch.no_grad():
+    with torch.no_grad(), record_routing(model):
         model(**batch)
     for layer in goat_layers(model).values():
         record = layer.routing
@@ -226,7 +227,7 @@ def test_attention_mask_reaches_every_layer():
 
         torch.testing.assert_close(record.balance_loss, balance(real))
         assert not torch.allclose(record.balance_loss, balance(torch.ones_like(real)))
-    with torch.no_grad():
+    with torch.no_grad(), record_routing(model):
         model(input_ids=batch["input_ids"])  # no mask: every token counts
     assert all(layer.token_mask is None for layer in goat_layers(model).values())
 

@@ -9,7 +9,7 @@ from conftest import tiny_classifier, train_like_
 from torch import nn
 from transformers import BartConfig, BartForConditionalGeneration
 
-from goat_hf import GoatConfig, get_goat_model, goat_layers
+from goat_hf import GoatConfig, get_goat_model, goat_layers, record_routing
 
 CONFIG = GoatConfig(r=8, num_experts=4, top_k=2)
 
@@ -61,7 +61,7 @@ def test_encoder_decoder_with_equal_lengths_masks_each_side_with_its_own_mask(wi
     source_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])  # padding in the source only
     target = torch.randint(3, 100, (2, 6))  # as long as the source: the element counts match
     target_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]) if with_decoder_mask else None
-    with torch.no_grad():
+    with torch.no_grad(), record_routing(model):
         model(
             input_ids=source, attention_mask=source_mask, decoder_input_ids=target, decoder_attention_mask=target_mask
         )
@@ -100,7 +100,7 @@ def test_sequence_first_activations_get_the_transposed_mask(positional):
     inputs = capture_inputs(model)
     ids = torch.randint(3, 100, (2, 5))
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
-    with torch.no_grad():
+    with torch.no_grad(), record_routing(model):
         model(ids, mask) if positional else model(ids, attention_mask=mask)
     layer = goat_layers(model)["proj"]
     expected = formula_balance_loss(layer, inputs["proj"], mask.T)  # token (s, b) is real when mask[b, s] is
@@ -112,10 +112,10 @@ def test_a_positional_attention_mask_reaches_the_layers():
     model = train_like_(get_goat_model(tiny_classifier("bert", seed=0), CONFIG))
     ids = torch.randint(3, 100, (2, 6))
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
-    with torch.no_grad():
+    with torch.no_grad(), record_routing(model):
         model(ids, mask)
     positional = {name: layer.routing.balance_loss for name, layer in goat_layers(model).items()}
-    with torch.no_grad():
+    with torch.no_grad(), record_routing(model):
         model(input_ids=ids, attention_mask=mask)
     for name, layer in goat_layers(model).items():
         assert torch.equal(positional[name], layer.routing.balance_loss), name
@@ -128,7 +128,7 @@ def test_a_mask_of_the_same_size_but_another_shape_is_not_applied():
     layer = goat_layers(model)["proj"]
     x = torch.randn(3, 4, 32)  # 12 tokens, like a [2, 6] mask, but shaped [3, 4]
     layer.token_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]], dtype=torch.float32)
-    with torch.no_grad():
+    with torch.no_grad(), record_routing(model):
         layer(x)
     expected = formula_balance_loss(layer, x, None)
     torch.testing.assert_close(layer.routing.balance_loss.double(), expected, rtol=1e-5, atol=1e-6)

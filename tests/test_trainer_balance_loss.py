@@ -18,7 +18,7 @@ from trainer_fixtures import (
     training_logs,
 )
 
-from goat_hf import GoatConfig, GoatLinear, GoatTrainer, goat_layers
+from goat_hf import GoatConfig, GoatLinear, GoatTrainer, goat_layers, record_routing
 
 TESTS = Path(__file__).parent
 
@@ -96,7 +96,7 @@ def test_aux_loss_is_the_sum_of_each_layers_formula_on_uneven_routing(make_model
     inputs = capture_inputs(model)
     batch = as_batch(lm_dataset(num_examples=2))
 
-    with torch.no_grad():
+    with torch.no_grad(), record_routing(model):  # the record under no_grad is opt-in
         loss = trainer.compute_loss(model.train(), batch)
         per_layer = torch.stack(balance_losses(model))
         expected = torch.stack(
@@ -141,7 +141,7 @@ def test_padding_changes_neither_the_balance_loss_nor_the_training_loss(make_mod
     padded = pad_right(plain, extra=5, pad_id=model.config.pad_token_id)
     model.train()
 
-    with torch.no_grad():
+    with torch.no_grad(), record_routing(model):  # the record under no_grad is opt-in
         loss_plain = trainer.compute_loss(model, plain)
         aux_plain = torch.stack(balance_losses(model))
         loss_padded = trainer.compute_loss(model, padded)
@@ -173,7 +173,7 @@ def test_evaluation_loss_is_the_task_loss_without_aux(make_model, tmp_path, kind
     eval_loss = trainer.evaluate()["eval_loss"]
 
     batch = as_batch(eval_dataset)
-    with torch.no_grad():
+    with torch.no_grad(), record_routing(model):  # the record under no_grad is opt-in
         task = model.eval()(**batch).loss.item()
         training_loss = trainer.compute_loss(model.train(), batch).item()
     assert eval_loss == pytest.approx(task, abs=1e-5)
