@@ -42,8 +42,8 @@ test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
 
 bench:
-	$(PYTHON) benchmarks/bench_layer.py
-	$(PYTHON) benchmarks/bench_model.py
+	$(PYTHON) benchmarks/bench_layer.py --out benchmarks/results/bench_layer.json
+	$(PYTHON) benchmarks/bench_model.py --out benchmarks/results/bench_model.json
 	$(PYTHON) benchmarks/bench_trainer.py
 
 lint:

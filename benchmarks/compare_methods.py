@@ -62,6 +62,7 @@ METHODS = {
             lr_from="full",
             runs_as="goat_aligned",
         ),
+        Method("goat_s2", "goat", "GOAT, s = 2 (LoRA's α/r)", goat={"scaling": 2.0}),
         Method("goat_rho100", "goat", "GOAT, ρ = 100 (init perturbation / 10)", goat={"rho": 100.0}),
         Method("goat_slow_router", "goat", "GOAT, router lr 1e-4", router_lr=1e-4),
         Method("goat_pissa", "goat", "GOAT, init=pissa segments", goat={"init": "pissa"}),
