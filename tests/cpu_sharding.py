@@ -12,6 +12,7 @@ and loading) is the code path users get on GPUs; `fully_shard` runs on the gloo 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -87,7 +88,7 @@ def run_ranks(worker: Path, out_dir: Path, *worker_args: str, timeout: int = 600
                         env=rank_env,
                         stdout=output,
                         stderr=subprocess.STDOUT,
-                        preexec_fn=partial(os.setpgid, 0, leader),
+                        preexec_fn=partial(join_group_and_die_with_parent, leader),
                     )
                 )
         codes = wait_for_ranks(ranks, timeout)
@@ -100,6 +101,13 @@ def run_ranks(worker: Path, out_dir: Path, *worker_args: str, timeout: int = 600
         for rank, (code, log) in enumerate(zip(codes, logs, strict=True))
     )
     assert codes == [0] * world_size, tails
+
+
+def join_group_and_die_with_parent(leader: int) -> None:
+    """In the rank, before exec: join rank 0's process group (0: lead a new one), and get SIGKILL when the test
+    process dies (Linux PR_SET_PDEATHSIG), so that even a killed pytest, which runs no `finally`, leaves no rank."""
+    os.setpgid(0, leader)
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def wait_for_ranks(ranks: list[subprocess.Popen], timeout: float) -> list[int | None]:

@@ -66,6 +66,9 @@ def test_injection_refuses_a_zero3_partitioned_weight(process_group, monkeypatch
     for name, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(name, value)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    # zero.Init swaps F.linear for its ZeRO-3 wrapper and leaves it swapped after the block: later tests in this
+    # process (bf16 layer bounds) would run through it
+    monkeypatch.setattr(torch.nn.functional, "linear", torch.nn.functional.linear)
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
     with deepspeed.zero.Init(config_dict_or_path=config):
         model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))

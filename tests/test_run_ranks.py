@@ -4,6 +4,9 @@ others running (a rank blocked in a gloo collective waits 30 minutes; orphaned o
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -62,3 +65,29 @@ def test_hung_ranks_are_killed_on_the_timeout(worker, tmp_path):
         run_ranks(worker, tmp_path / "out", "hang", timeout=4)
     for rank in (0, 1):
         assert gone(int((tmp_path / "out" / f"pid{rank}").read_text()))
+
+
+def test_ranks_die_with_the_test_process(worker, tmp_path):
+    """A test process killed outright (SIGKILL: no `finally` runs) takes its ranks with it."""
+    script = tmp_path / "launcher.py"
+    out = tmp_path / "out"
+    script.write_text(
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        f"from pathlib import Path\nfrom cpu_sharding import run_ranks\n"
+        f"run_ranks(Path({str(worker)!r}), Path({str(out)!r}), 'hang', timeout=600)\n"
+    )
+    launcher = subprocess.Popen([sys.executable, str(script)])
+    pids = [out / f"pid{rank}" for rank in (0, 1)]
+    deadline = time.monotonic() + 60
+    while not all(path.exists() and path.read_text() for path in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    launcher.kill()
+    launcher.wait()
+    ranks = [int(path.read_text()) for path in pids]
+    deadline = time.monotonic() + 10
+    while not all(gone(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in ranks if not gone(pid)]
+    for pid in left:  # this test's own orphans, if the launcher failed to take them along
+        os.kill(pid, signal.SIGKILL)
+    assert not left
