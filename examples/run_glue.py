@@ -457,7 +457,6 @@ def save_adapter(trainer: GoatTrainer, model_args: ModelArguments, data_args: Da
         folder,
         trainer,
         dataset_name=dataset,
-        base_model=MINILM_HUB_ID if offline else None,
         license=model_args.license or (BUNDLED_LICENSE if offline else None),
         tags=[data_args.task_name] if data_args.task_name else None,
     )
@@ -499,6 +498,8 @@ def load_model(
     model = AutoModelForSequenceClassification.from_pretrained(
         path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **hub
     )
+    if model_args.model_name_or_path is None:  # the bundled copy: goat_config.json and the card name its Hub id
+        model.config.name_or_path = MINILM_HUB_ID
     return model, tokenizer
 
 

@@ -12,8 +12,9 @@ validation accuracy: about 0.9, where chance is 0.25. No pretrained vision model
 default checks the pipeline (image folder, transforms, GOAT injection, training, saving, reloading), not the
 method's quality. It trains at lr 1e-3 for 6 epochs on one CPU thread (see `limit_threads_for_demo`); at the
 paper's lr 1e-4 the random ViT reaches only about 0.6 in that time. The adapter and its model card go to
-outputs/image-classification-demo and the random base beside them (in base_model/), so
-`goat_hf.load_goat_model("outputs/image-classification-demo")` reloads the trained classifier.
+outputs/image-classification-demo and the random base beside them (in base_model/; goat_config.json records no
+path for a local base), so `goat_hf.load_goat_model("outputs/image-classification-demo",
+base_model="outputs/image-classification-demo/base_model")` reloads the trained classifier.
 
 Your own images (an image folder: one subfolder per class, optionally inside train/ and validation/ split folders;
 without a validation split, --train_val_split of the training images are held out). A checkpoint that already has
@@ -360,15 +361,14 @@ def limit_threads_for_demo(model_args: ModelArguments) -> None:
 
 
 def load_model(model_args: ModelArguments, labels: list[str], training_args: GoatTrainingArguments):
-    """(model, image processor). The offline ViT is saved into <output_dir>/base_model and named as the adapter's
-    base, so that load_goat_model(output_dir) finds it."""
+    """(model, image processor). The offline ViT is saved into <output_dir>/base_model, the folder to pass as
+    load_goat_model(output_dir, base_model=...)."""
     if model_args.model_name_or_path is None:
         model, processor = demo_vit(labels, training_args.seed), demo_image_processor()
         if training_args.do_train and training_args.should_save:
             folder = Path(training_args.output_dir, BASE_MODEL_FOLDER).resolve()
             model.save_pretrained(folder)
             processor.save_pretrained(folder)
-            model.config.name_or_path = str(folder)
         return model, processor
     path = model_args.model_name_or_path
     hub = {"cache_dir": model_args.cache_dir, "revision": model_args.model_revision}

@@ -101,6 +101,8 @@ def load_model_and_tokenizer(
     if script_args.load_in_4bit:
         load_options = four_bit_options(load_options, training_args.bf16)
     model = AutoModelForCausalLM.from_pretrained(path, **load_options)
+    if script_args.model_name_or_path is None:  # the bundled copy: goat_config.json and the card name its Hub id
+        model.config.name_or_path = SMOLLM2_HUB_ID
     return model, tokenizer
 
 
@@ -174,7 +176,6 @@ def write_card(
         dataset_name=[train_data],
         eval_dataset_name=eval_data,
         metrics=metrics,
-        base_model=SMOLLM2_HUB_ID if offline else None,
         license=script_args.license or (BUNDLED_LICENSE if offline else None),
     )
     print(f"Model card written to {card}")

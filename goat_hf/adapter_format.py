@@ -7,7 +7,11 @@ written by another program is refused with the field's name instead of failing l
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
+
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from .config import GoatConfig
 from .version import __version__
@@ -52,6 +56,21 @@ BASE_MODEL_FIELDS = {
 LAYER_FIELDS = {"in_features": INT, "out_features": INT, "scaling": NUMBER, "residual": BOOL}
 BASE_TENSOR_FIELDS = {"shape": LIST, "dtype": TEXT, "fingerprint": OPTIONAL_LIST}
 AGAIN = "Save or download the adapter again."
+
+
+def hub_id(name: str | None) -> str | None:
+    """`name` when it is a Hub id (namespace/name); None for a local folder, a path or free words.
+
+    goat_config.json records the base model this way: an id another machine can load, never a local path (which
+    would not exist there, and shows how the trainer's disk is laid out).
+    """
+    if not name or os.path.isabs(name) or os.path.exists(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
 
 
 def check_adapter_config(meta: Any, path: str) -> GoatConfig:

@@ -32,6 +32,7 @@ from .adapter_format import (
     WEIGHTS_NAME,
     GoatAdapterError,
     check_adapter_config,
+    hub_id,
 )
 from .atomic_files import remove_orphans, write_atomically
 from .base_weights import fingerprint_weight, looks_quantized
@@ -82,7 +83,10 @@ def save_goat_adapter(model: nn.Module, save_directory: str | os.PathLike, *, is
 def adapter_metadata(model: nn.Module) -> dict[str, Any]:
     """The facts goat_config.json holds about `model`: format, base model, GoatConfig, heads and layer shapes.
 
-    (A save adds its save id, the weights' digest and the base-tensor fingerprints.)
+    The base is recorded by its Hub id (`config.name_or_path` when that is one; set it to the id when the model was
+    loaded from a local copy), or as null for a local base: a path would not exist on another machine. (A save adds
+    its save id, the weights' digest and the base-tensor fingerprints, which verify whichever copy of the base an
+    adapter is loaded onto.)
     """
     state = require_goat_state(model)
     layers = {
@@ -99,7 +103,7 @@ def adapter_metadata(model: nn.Module) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "goat_hf_version": __version__,
         "base_model": {
-            "name_or_path": getattr(base_config, "_name_or_path", None) or None,
+            "name_or_path": hub_id(getattr(base_config, "_name_or_path", None)),  # null for a local base
             "revision": getattr(base_config, "_commit_hash", None),
             "architecture": type(model).__name__,
             "model_type": getattr(base_config, "model_type", None),

@@ -169,15 +169,23 @@ def load_goat_model(
     """Load the base model the adapter was trained on (or `base_model`) and put the adapter on it.
 
     `adapter` is a local folder or a Hub repo id (at `revision`; from the cache alone with HF_HUB_OFFLINE=1).
-    The base is built with the transformers class recorded in goat_config.json, from the recorded id and
-    revision unless `base_model` names another copy (a local folder, say).
+    The base is built with the transformers class recorded in goat_config.json, from the recorded Hub id and
+    revision unless `base_model` names another copy (a local folder, say); an adapter trained on a local base
+    records no id, so it needs `base_model`.
     """
     folder = resolve_adapter_folder(adapter, revision=revision, token=token)
     recorded = read_adapter_config(folder)["base_model"]
     base = base_model or recorded.get("name_or_path")
-    if base is None or (base_model is None and os.path.isabs(base) and not os.path.isdir(base)):
-        where = f"the local folder {base}, which is not here" if base else "no base model"
-        raise GoatAdapterError(f"The adapter in {folder} records {where}; pass base_model='<Hub id or folder>'.")
+    if base is None:
+        raise GoatAdapterError(
+            f"The adapter in {folder} was trained on a local {recorded['architecture']} and records no Hub id for "
+            "its base; pass base_model='<Hub id or folder>' (its weights are checked against the adapter's record)."
+        )
+    if base_model is None and os.path.isabs(base) and not os.path.isdir(base):  # as earlier goat_hf versions wrote
+        raise GoatAdapterError(
+            f"The adapter in {folder} records the local folder {base}, which is not here; "
+            "pass base_model='<Hub id or folder>'."
+        )
     model_class = getattr(transformers, recorded["architecture"], None)
     if model_class is None:
         raise GoatAdapterError(

@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
+from .adapter_format import hub_id
 from .adapter_io import CONFIG_NAME, adapter_metadata, read_adapter_config
 from .config import GoatConfig
 from .heatmap import PILLOW_MISSING, draw_load_heatmap
 from .routing_health import load_summary
+from .version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -133,12 +133,12 @@ def _write_card(
     config = GoatConfig.from_dict(meta["config"])
     architecture = meta["base_model"]["architecture"]
     pipeline_tag = next((tag for suffix, tag in PIPELINES.items() if architecture.endswith(suffix)), None)
-    base_model = base_model or _hub_id(meta["base_model"].get("name_or_path"))
+    base_model = base_model or hub_id(meta["base_model"].get("name_or_path"))
     metrics = {**_trainer_metrics(trainer), **(metrics or {})}
     dataset_names = _as_list(dataset_name or getattr(getattr(trainer, "args", None), "dataset_name", None))
     eval_dataset_name = eval_dataset_name or (dataset_names[0] if dataset_names else None)
     dataset_names += [eval_dataset_name] if eval_dataset_name and eval_dataset_name not in dataset_names else []
-    hub_datasets = [name for name in dataset_names if _hub_id(name)]
+    hub_datasets = [name for name in dataset_names if hub_id(name)]
     card_data = ModelCardData(
         base_model=base_model,
         library_name="goat_hf",
@@ -183,23 +183,12 @@ def _write_card(
         missing_loads=missing_loads,
         heatmap=heatmap,
         heatmap_note=heatmap_note,
-        usage=_usage(architecture, base_model),
+        usage=_usage(architecture, base_model, recorded=hub_id(meta["base_model"]["name_or_path"]) is not None),
         versions=_versions(),
     )
     path = folder / CARD_NAME
     card.save(path)
     return path
-
-
-def _hub_id(name: str | None) -> str | None:
-    """`name` when it is a Hub id (namespace/name); None for a local folder, a path or free words."""
-    if not name or os.path.isabs(name) or os.path.exists(name):
-        return None
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return None
-    return name
 
 
 def _as_list(names: str | list[str] | None) -> list[str]:
@@ -247,7 +236,7 @@ def _eval_results(metrics: dict[str, float], dataset: str | None, pipeline_tag: 
     results = [
         EvalResult(
             task_type=pipeline_tag or "other",
-            dataset_type=_hub_id(dataset) or "local",
+            dataset_type=hub_id(dataset) or "local",
             dataset_name=dataset,
             metric_type=_metric_type(key),
             metric_value=value,
@@ -275,31 +264,40 @@ def _routing_rows(loads: dict[str, list[float]] | None) -> list[dict[str, str]]:
     return rows
 
 
-def _usage(architecture: str, base_model: str | None) -> str:
+def _usage(architecture: str, base_model: str | None, recorded: bool) -> str:
+    """How to load and run the adapter; `recorded` says whether goat_config.json names the base by a Hub id."""
     base = base_model or "<base model id or folder>"
-    if architecture.endswith("ForCausalLM"):
+    if recorded:
+        load = 'model = load_goat_model("<this repo id or folder>")  # loads the base recorded in goat_config.json'
+    else:  # a local base: goat_config.json records no id (a path would not exist on another machine)
+        load = f'model = load_goat_model("<this repo id or folder>", base_model="{base}")'
+    if architecture.endswith("ForImageClassification"):
+        imports = "from PIL import Image\nfrom transformers import AutoImageProcessor\n"
+        run = (
+            f'processor = AutoImageProcessor.from_pretrained("{base}")\n'
+            'inputs = processor(Image.open("an_image.png").convert("RGB"), return_tensors="pt")\n'
+            "print(model.config.id2label[model(**inputs).logits.argmax(-1).item()])"
+        )
+    elif architecture.endswith("ForCausalLM"):
+        imports = "from transformers import AutoTokenizer\n"
         run = (
             f'tokenizer = AutoTokenizer.from_pretrained("{base}")\n'
             'inputs = tokenizer("Question: what is 12 + 30?\\nAnswer:", return_tensors="pt")\n'
             "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))"
         )
     else:
+        imports = "from transformers import AutoTokenizer\n"
         run = (
             f'tokenizer = AutoTokenizer.from_pretrained("{base}")\n'
             'inputs = tokenizer("a sentence to classify", return_tensors="pt")\n'
             "print(model(**inputs).logits.argmax(-1))"
         )
-    return (
-        "from transformers import AutoTokenizer\n"
-        "from goat_hf import load_goat_model\n\n"
-        'model = load_goat_model("<this repo id or folder>")  # loads the base recorded in goat_config.json\n'
-        f"{run}"
-    )
+    return f"{imports}from goat_hf import load_goat_model\n\n{load}\n{run}"
 
 
 def _versions() -> dict[str, str]:
-    versions = {}
-    for package in ("goat_hf", "transformers", "torch", "trl", "huggingface_hub"):
+    versions = {"goat_hf": __version__}  # the code that ran, not whichever goat_hf pip last installed
+    for package in ("transformers", "torch", "trl", "huggingface_hub"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:

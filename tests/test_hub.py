@@ -4,6 +4,7 @@ offline loads from the cache, clear errors, and a token that never reaches a fil
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ import pytest
 import torch
 from conftest import VOCAB, perturb_, tiny_llama, token_batch
 from hub_server import LocalHub
-from huggingface_hub import ModelCard, constants
+from huggingface_hub import HfApi, ModelCard, constants
 from huggingface_hub.utils import _http
 from PIL import Image
 from transformers import LlamaForCausalLM, TrainingArguments
@@ -344,12 +345,35 @@ def test_push_needs_the_adapter_weights(hub, base_folder, tmp_path):
     assert hub.requests == []
 
 
-def test_a_recorded_local_base_that_is_gone_must_be_named(base_folder, tmp_path):
-    model = goat_model(base_folder)
-    model.config._name_or_path = str(tmp_path / "deleted-base")
+def test_a_local_base_is_recorded_without_its_path_and_must_be_named(base_folder, tmp_path):
+    model = goat_model(base_folder)  # loaded from a folder: config.name_or_path is that folder's absolute path
     folder = save_goat_adapter(model, tmp_path / "adapter")
+    text = (folder / CONFIG_NAME).read_text()
+    assert str(base_folder) not in text and base_folder.name not in text  # nothing of the trainer's disk layout
+    assert json.loads(text)["base_model"]["name_or_path"] is None
+    with pytest.raises(GoatAdapterError, match=r"trained on a local LlamaForCausalLM and records no Hub id for its "):
+        load_goat_model(folder)
+    assert torch.equal(logits(load_goat_model(folder, base_folder).eval()), logits(model))
+
+
+def test_an_old_record_of_a_local_base_that_is_gone_must_be_named(base_folder, tmp_path):
+    folder = save_goat_adapter(goat_model(base_folder), tmp_path / "adapter")
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    meta["base_model"]["name_or_path"] = str(tmp_path / "deleted-base")  # what earlier goat_hf versions recorded
+    (folder / CONFIG_NAME).write_text(json.dumps(meta))
     with pytest.raises(
         GoatAdapterError, match=r"records the local folder .*deleted-base, which is not here; pass base_"
     ):
         load_goat_model(folder)
-    assert torch.equal(logits(load_goat_model(folder, base_folder).eval()), logits(model))
+
+
+def test_the_base_hub_id_is_recorded_and_loaded_from_the_hub(hub, base_folder, tmp_path):
+    HfApi(endpoint=hub.url).create_repo("goat-user/tiny-base", token=TOKEN)
+    HfApi(endpoint=hub.url).upload_folder(folder_path=base_folder, repo_id="goat-user/tiny-base", token=TOKEN)
+    model = goat_model(base_folder)
+    model.config.name_or_path = "goat-user/tiny-base"  # a local copy named by its Hub id, as transformers does
+    folder = save_goat_adapter(model, tmp_path / "adapter")
+    assert json.loads((folder / CONFIG_NAME).read_text())["base_model"]["name_or_path"] == "goat-user/tiny-base"
+    loaded = load_goat_model(folder, token=TOKEN).eval()  # no base named: the recorded id is downloaded
+    assert torch.equal(logits(loaded), logits(model))
+    assert any("/goat-user/tiny-base/resolve/" in path for _, path in hub.requests)

@@ -12,6 +12,7 @@ from trainer_fixtures import classification_dataset, cpu_args, single_thread
 
 from goat_hf import GoatConfig, GoatTrainer
 from goat_hf.model_card import CARD_NAME, HEATMAP_NAME
+from goat_hf.version import __version__
 
 HUB_BASE = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -61,6 +62,8 @@ def test_card_for_a_hub_base_has_the_hub_metadata_and_links_the_base(classifier_
     assert (result.metric_type, result.metric_value) == ("accuracy", logged)
     assert f"[{HUB_BASE}](https://huggingface.co/{HUB_BASE})" in card.text
     assert "(#)" not in card.text
+    assert 'load_goat_model("<this repo id or folder>")  # loads the base recorded in goat_config.json' in card.text
+    assert f"- goat_hf {__version__}\n" in card.text  # the code that wrote it, whatever pip installed
 
 
 def test_card_for_a_local_base_and_local_data_says_so(classifier_factory, tmp_path):
@@ -77,6 +80,20 @@ def test_card_for_a_local_base_and_local_data_says_so(classifier_factory, tmp_pa
     assert "base model loaded from a local folder" in card.text
     assert "Trained and evaluated on local data: generated sentiment sentences." in card.text
     assert str(base_folder) not in card.text and "(#)" not in card.text
+    # goat_config.json records no base for a local one, so the usage names it
+    assert 'load_goat_model("<this repo id or folder>", base_model="<base model id or folder>")' in card.text
+
+
+def test_card_for_a_local_copy_named_by_its_hub_id_says_to_pass_the_base(classifier_factory, tmp_path):
+    base_folder = tmp_path / "my-copy"
+    base_folder.mkdir()
+    trainer = trained(classifier_factory, tmp_path, str(base_folder))
+    trainer.create_model_card(finetuned_from=HUB_BASE)
+
+    card = ModelCard.load(tmp_path / "out" / CARD_NAME)
+    assert card.data.base_model == HUB_BASE
+    assert f'load_goat_model("<this repo id or folder>", base_model="{HUB_BASE}")' in card.text
+    assert f'AutoTokenizer.from_pretrained("{HUB_BASE}")' in card.text
 
 
 def test_without_pillow_the_card_keeps_the_table_and_says_why_there_is_no_heatmap(

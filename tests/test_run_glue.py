@@ -14,6 +14,10 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from safetensors.torch import load_file
 from transformers import BertTokenizer
 
+from goat_hf import GoatConfig, get_goat_model
+from goat_hf.adapter_io import adapter_metadata
+from goat_hf.tasks.assets import MINILM_HUB_ID
+
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "run_glue.py"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -192,3 +196,12 @@ def test_compare_lora_prints_goat_lora_and_the_majority_rate(tmp_path, tiny_bert
     assert float(match.group(1)) == pytest.approx(results["eval_accuracy"], abs=5e-4)
     assert (output_dir / "goat_config.json").is_file()
     assert not (output_dir / "lora-baseline" / "goat_config.json").exists()  # the baseline saves nothing
+
+
+def test_the_offline_default_records_the_bundled_base_by_its_hub_id(run_glue, tmp_path):
+    """The bundled MiniLM is a folder in site-packages: goat_config.json names its Hub id, not that path."""
+    model_args, data_args, _ = run_glue.parse_arguments(["--output_dir", str(tmp_path)])
+    model, _ = run_glue.load_model(model_args, data_args, num_labels=3)
+    get_goat_model(model, GoatConfig(r=4, num_experts=2, top_k=1))
+    recorded = adapter_metadata(model)["base_model"]["name_or_path"]
+    assert recorded == MINILM_HUB_ID == "sentence-transformers/all-MiniLM-L6-v2"

@@ -13,7 +13,8 @@ import pytest
 from instruct_fixtures import save_tiny_instruct_model
 from trainer_fixtures import single_thread
 
-from goat_hf import GoatConfig
+from goat_hf import GoatConfig, get_goat_model
+from goat_hf.adapter_io import adapter_metadata
 
 one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
@@ -141,3 +142,12 @@ def test_commonsense_generated_records_follow_llm_adapters_format():
                 w for w in words if w in record["instruction"].split("Answer format: ")[1].split("/")))  # fmt: skip
     with pytest.raises(ValueError, match="Unknown commonsense task 'arc'"):
         commonsense.main(["--eval_tasks", "arc", "--output_dir", "unused"])
+
+
+def test_the_offline_default_records_the_bundled_base_by_its_hub_id(tmp_path):
+    """The bundled SmolLM2 is converted into a cache folder: goat_config.json names its Hub id, not that path."""
+    sft_nlg = load_example("sft_nlg")
+    script_args, training_args = sft_nlg.parse_arguments(sft_nlg.ScriptArguments, ["--output_dir", str(tmp_path)])
+    model, _ = sft_nlg.load_model_and_tokenizer(script_args, training_args)
+    get_goat_model(model, GoatConfig(r=4, num_experts=2, top_k=1, target_modules=["q_proj"]))
+    assert adapter_metadata(model)["base_model"]["name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
