@@ -5,7 +5,7 @@ export TOKENIZERS_PARALLELISM := false
 # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads made runs 5-10x slower.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo quickstart model-cards test test-fast bench lint
+.PHONY: install demo quickstart model-cards test test-deepspeed test-fast bench lint
 
 # torch 2.13.0 comes from the local CPU wheel when no compatible torch is installed; an installed one is kept.
 install:
@@ -30,8 +30,14 @@ model-cards: install
 		cp outputs/model-cards/$$example/README.md outputs/model-cards/$$example/routing_heatmap.png model_cards/$$example/; \
 	done
 
+# The DeepSpeed runs (2 x ~1 min of 2 processes) are left out to keep this under ~4 min on 2 cores; CI's dev
+# install has no deepspeed, where they would skip anyway.
 test: install
-	$(PYTHON) -m pytest -q -ra --durations=15
+	$(PYTHON) -m pytest -q -ra --durations=15 -m "not deepspeed"
+
+test-deepspeed: install
+	$(PYTHON) -m pip install -q "deepspeed>=0.16"
+	$(PYTHON) -m pytest -q -ra tests/test_deepspeed.py tests/test_distributed.py
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"

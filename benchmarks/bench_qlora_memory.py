@@ -4,9 +4,11 @@ Why: a 4-bit base is how people fit a big model on one GPU, so what GOAT adds on
 whether it fits where QLoRA fits. The base is SmolLM2-135M-Instruct loaded with BitsAndBytesConfig (NF4,
 double quantisation); GOAT (E=8, k=2, balance loss as GoatTrainer adds it) and PEFT LoRA (no
 prepare_model_for_kbit_training, so both see the same base) adapt the same 210 Linears with the same total
-rank, r=8 and r=32; adapters are fp32 in both. One fresh subprocess per variant loads the base, then measures
-injection plus the training steps (forward with labels, backward, AdamW step), and times the injection: for
-GOAT the SVD init over the 4-bit base (dequantize each layer to fp32, one at a time, then its SVD).
+rank, r=8 and r=32; adapters are fp32 in both. One fresh subprocess per variant and repeat loads the base, then
+measures injection plus the training steps (forward with labels, backward, AdamW step), and times the injection:
+for GOAT the SVD init over the 4-bit base (dequantize each layer to fp32, one at a time, then its SVD). The
+variants alternate (GOAT first in even repeats, LoRA first in odd ones) so that a drift in the machine's state
+hits both; the table reports medians over the repeats and `--out` writes every run.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import argparse
 import gc
 import json
 import os
+import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -22,13 +26,13 @@ from pathlib import Path
 
 import torch
 from bench_model import make_batch, make_step, proc_status_kib, synchronize
-from goat_hf.assets import smollm2_path
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from goat_hf import GoatConfig, get_goat_model, goat_layers
 from goat_hf.base_weights import dense_weight
+from goat_hf.tasks.assets import smollm2_path
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RANKS = (8, 32)
@@ -128,17 +132,41 @@ def dequantize_seconds(model: nn.Module) -> float:
     return time.perf_counter() - start
 
 
+def medians(runs: list[dict]) -> dict:
+    """Per key, the median over the repeats of one variant (the adapted names are the same in every run)."""
+    numbers = {key: statistics.median(run[key] for run in runs) for key, value in runs[0].items() if key != "adapted"}
+    return numbers | {"adapted": runs[0]["adapted"]}
+
+
+def run_all(args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Every variant `--repeats` times, each in its own subprocess, GOAT and LoRA alternating which goes first."""
+    runs: dict[str, list[dict]] = {f"{method}-r{rank}": [] for rank in args.ranks for method in ("goat", "lora")}
+    for repeat in range(args.repeats):
+        for rank in args.ranks:
+            methods = ("goat", "lora") if repeat % 2 == 0 else ("lora", "goat")
+            for method in methods:
+                variant = f"{method}-r{rank}"
+                result = in_subprocess(args, variant)
+                runs[variant].append(result)
+                shown = {k: v for k, v in result.items() if k != "adapted"}
+                print(f"repeat {repeat} {variant}: {json.dumps(shown)}", flush=True)
+            if runs[f"goat-r{rank}"][-1]["adapted"] != runs[f"lora-r{rank}"][-1]["adapted"]:
+                raise RuntimeError("GOAT and PEFT adapted different modules; the comparison would not be fair.")
+    return runs
+
+
 def report(args: argparse.Namespace, results: dict[str, dict]) -> None:
     cuda = args.device.startswith("cuda")
     kind = "max_memory_allocated" if cuda else "resident (RSS), glibc mmap threshold 64 KiB"
     print(
         f"\nSmolLM2-135M-Instruct in NF4 (double quantisation), {args.dtype} compute and non-quantized weights, "
         f"{args.device} ({args.threads} threads); batch {args.batch} x {args.seq} tokens, {args.steps} AdamW steps; "
-        f"{len(results['goat-r8']['adapted'])} adapted Linears; memory: {kind}\n"
+        f"{len(results[f'goat-r{args.ranks[0]}']['adapted'])} adapted Linears; memory: {kind}; "
+        f"medians of {args.repeats} runs per variant, alternating\n"
     )
     print("| total rank | measure | GOAT (E=8, k=2) | PEFT LoRA | GOAT/LoRA | target |")
     print("|---|---|---:|---:|---:|---|")
-    for rank in RANKS:
+    for rank in args.ranks:
         goat, lora = results[f"goat-r{rank}"], results[f"lora-r{rank}"]
         for key, measure in (
             ("peak_mib", "peak memory, 4-bit base included (MiB)"),
@@ -150,14 +178,37 @@ def report(args: argparse.Namespace, results: dict[str, dict]) -> None:
             target = "" if key != "peak_mib" else f"<= {TARGET:.2f}x: " + ("met" if ratio <= TARGET else "**not met**")
             fmt = ",.0f" if key == "trainable" else ".0f"
             print(f"| r={rank} | {measure} | {goat[key]:{fmt}} | {lora[key]:{fmt}} | {ratio:.3f}x | {target} |")
-    print(f"\nThe loaded 4-bit base: {results['goat-r8']['base_mib']:.0f} MiB resident before adapting.")
-    seconds = {variant: result["init_s"] for variant, result in results.items()}
-    print(
-        f"Init over the 4-bit base (dequantize each layer to fp32, then its SVD): get_goat_model r=8 "
-        f"{seconds['goat-r8']:.1f} s, r=32 {seconds['goat-r32']:.1f} s (dequantizing all layers alone: "
-        f"{results['goat-r8']['dequantize_s']:.2f} s); get_peft_model r=8 {seconds['lora-r8']:.2f} s, "
-        f"r=32 {seconds['lora-r32']:.2f} s."
-    )
+    first = results[f"goat-r{args.ranks[0]}"]
+    print(f"\nThe loaded 4-bit base: {first['base_mib']:.0f} MiB resident before adapting.")
+    print(f"Init over the 4-bit base (dequantizing all layers alone: {first['dequantize_s']:.2f} s):")
+    for rank in args.ranks:
+        goat_s, lora_s = results[f"goat-r{rank}"]["init_s"], results[f"lora-r{rank}"]["init_s"]
+        print(f"- r={rank}: get_goat_model {goat_s:.1f} s (SVD init), get_peft_model {lora_s:.2f} s")
+
+
+def write_json(args: argparse.Namespace, runs: dict[str, list[dict]], results: dict[str, dict]) -> None:
+    """Every run, the medians and the ratios, with the settings and the machine, to `--out`."""
+    settings = {key: value for key, value in vars(args).items() if key not in ("measure", "out")}
+    ratios = {
+        f"r{rank}": results[f"goat-r{rank}"]["peak_mib"] / results[f"lora-r{rank}"]["peak_mib"] for rank in args.ranks
+    }
+    record = {
+        "settings": settings,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "note": args.note,
+        "target_peak_ratio": TARGET,
+        "peak_ratio_goat_over_lora": ratios,
+        "target_met": all(ratio <= TARGET for ratio in ratios.values()),
+        "medians": {
+            variant: {k: v for k, v in result.items() if k != "adapted"} for variant, result in results.items()
+        },
+        "adapted": results[f"goat-r{args.ranks[0]}"]["adapted"],
+        "runs": {
+            variant: [{k: v for k, v in run.items() if k != "adapted"} for run in rs] for variant, rs in runs.items()
+        },
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
 
 
 def main() -> None:
@@ -168,6 +219,10 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=4, help="training steps measured per variant")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS), help="total ranks compared")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh subprocesses per variant (medians reported)")
+    parser.add_argument("--out", help="write every run, the medians and the ratios to this JSON file")
+    parser.add_argument("--note", default="", help="free text stored in --out (e.g. what else ran on the machine)")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # the subprocess of one variant
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -175,15 +230,11 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(args, args.measure)))
         return
-    results = {}
-    for rank in RANKS:
-        for method in ("goat", "lora"):
-            variant = f"{method}-r{rank}"
-            results[variant] = in_subprocess(args, variant)
-            print(f"{variant}: {json.dumps({k: v for k, v in results[variant].items() if k != 'adapted'})}", flush=True)
-        if results[f"goat-r{rank}"]["adapted"] != results[f"lora-r{rank}"]["adapted"]:
-            raise RuntimeError("GOAT and PEFT adapted different modules; the comparison would not be fair.")
+    runs = run_all(args)
+    results = {variant: medians(variant_runs) for variant, variant_runs in runs.items()}
     report(args, results)
+    if args.out:
+        write_json(args, runs, results)
 
 
 if __name__ == "__main__":

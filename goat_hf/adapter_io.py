@@ -37,6 +37,7 @@ from .adapter_format import (
 from .atomic_files import remove_orphans, write_atomically
 from .base_weights import fingerprint_weight, looks_quantized
 from .config import GoatConfig
+from .distributed import copy_full_, full_shape, full_tensor, live_tensors
 from .fingerprint import differing_tensors, fingerprint_record
 from .layer import GoatLinear
 from .model import attach_goat_layers, goat_layers, require_goat_state, require_no_goat
@@ -49,22 +50,27 @@ LAYER_TENSORS = ("expert_A", "expert_B", "router.weight")
 RESIDUAL_TENSORS = ("residual_A", "residual_B")
 
 
-def save_goat_adapter(model: nn.Module, save_directory: str | os.PathLike) -> Path:
+def save_goat_adapter(model: nn.Module, save_directory: str | os.PathLike, *, is_main_process: bool = True) -> Path:
     """Write the adapter (not the base weights) into `save_directory`; returns the folder.
 
     Refuses an adapter with a NaN or infinite entry: a broken adapter never replaces a good one on disk.
+    Under FSDP2 or ZeRO-3 call it on every rank (it gathers the sharded adapter and base tensors) with
+    `is_main_process` true on the one rank that writes, as with transformers' `save_pretrained`.
     """
-    tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in adapter_state_dict(model).items()}
+    tensors = {key: full_tensor(value).contiguous().clone() for key, value in adapter_state_dict(model).items()}
     _check_tensors(tensors, "This adapter", "Nothing was saved; the training diverged (see on_nonfinite).")
+    base = fingerprint_record(base_tensors(model))  # gathers a sharded base: on every rank
+    folder = Path(save_directory)
+    if not is_main_process:
+        return folder
     save_id = uuid.uuid4().hex
     weights = save_safetensors(tensors, metadata={"format": "pt", SAVE_ID_KEY: save_id})
     meta = {
         **adapter_metadata(model),
         "save_id": save_id,
         "weights_sha256": weights_digest(weights),
-        "base_tensors": fingerprint_record(base_tensors(model)),
+        "base_tensors": base,
     }
-    folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
     remove_orphans(folder, (WEIGHTS_NAME, CONFIG_NAME))  # left by a save that was killed
     # Weights first, config last: the config names the weights' save id, so a folder caught between the two
@@ -159,11 +165,10 @@ def restore_goat_weights(model: nn.Module, adapter_folder: str | os.PathLike) ->
         )
     tensors = read_adapter_weights(folder, meta)
     targets = adapter_state_dict(model)
-    _check_tensor_names(tensors, {key: value.shape for key, value in targets.items()}, folder)
+    _check_tensor_names(tensors, {key: full_shape(value) for key, value in targets.items()}, folder)
     _check_base_tensors(meta, base_tensors(model), folder)
-    with torch.no_grad():
-        for key, target in targets.items():
-            target.copy_(tensors[key])
+    for key, target in targets.items():
+        copy_full_(target, tensors[key])  # a sharded target keeps this rank's part
 
 
 def check_adapter_folder(folder: str | os.PathLike) -> None:
@@ -181,8 +186,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for tensor_name in names:
             tensors[f"{name}.{tensor_name}"] = _layer_tensor(layer, tensor_name)
     for head in state.modules_to_save:
-        for param_name, value in model.get_submodule(head).state_dict().items():
-            tensors[f"{head}.{param_name}"] = value
+        tensors |= {f"{head}.{key}": value for key, value in live_tensors(model.get_submodule(head)).items()}
     return tensors
 
 
@@ -203,7 +207,7 @@ def base_tensors(model: nn.Module, modules_to_save: list[str] | None = None) -> 
                 goat_own.add(full)
     tensors = {
         renamed.get(key, key): value
-        for key, value in model.state_dict().items()
+        for key, value in live_tensors(model).items()  # sharded ones are gathered when fingerprinted
         if key not in goat_own and not key.startswith(heads)
     }
     # A quantized layer's packed weight and its quantisation state change when bitsandbytes repacks them (and

@@ -19,6 +19,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 SUPPORTED = "nn.Linear, bitsandbytes Linear4bit (NF4 or FP4, double quantisation on or off) and Linear8bitLt"
 # Attributes by which other libraries' quantized linear layers are recognised (GPTQ/AWQ/Marlin/EETQ: qweight;
@@ -56,6 +57,8 @@ def looks_quantized(module: nn.Module) -> bool:
 
 def _plain_float(weight: torch.Tensor) -> bool:
     data = weight.data if isinstance(weight, nn.Parameter) else weight
+    if isinstance(data, DTensor):  # an FSDP2 shard of a plain weight
+        data = data.to_local()
     return type(data) is torch.Tensor and data.is_floating_point()
 
 

@@ -11,12 +11,22 @@ from typing import Any
 
 import torch
 
+from .distributed import full_shape, gathered
+
 SAME_DTYPE_TOLERANCE = (1e-4, 1e-6)  # (rtol, atol relative to the largest number): float rounding of the sums
 CROSS_DTYPE_TOLERANCE = (3e-2, 2e-3)  # a bf16 copy of the same base moves the sums by ~0.4 %
 
 
 def tensor_fingerprint(tensor: torch.Tensor) -> list[float]:
-    """Sums of T @ p for rows of T (the last dim) and a +-1 probe p seeded by the row length, plus sum |T|."""
+    """Sums of T @ p for rows of T (the last dim) and a +-1 probe p seeded by the row length, plus sum |T|.
+
+    A sharded tensor (FSDP2 DTensor, ZeRO-3 parameter) is gathered first, a collective: every rank calls this.
+    """
+    with gathered(tensor) as whole:
+        return _fingerprint(whole)
+
+
+def _fingerprint(tensor: torch.Tensor) -> list[float]:
     if tensor.numel() == 0:
         return [0.0] * 5
     rows = tensor.detach().reshape(-1, tensor.shape[-1] if tensor.dim() else 1).float()
@@ -32,7 +42,7 @@ def fingerprint_record(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, 
     """{name: shape, dtype, fingerprint} for goat_config.json; None where a tensor has no data here (meta)."""
     return {
         name: {
-            "shape": list(tensor.shape),
+            "shape": list(full_shape(tensor)),
             "dtype": dtype_name(tensor.dtype),
             "fingerprint": None if tensor.is_meta else tensor_fingerprint(tensor),
         }
@@ -53,7 +63,7 @@ def differing_tensors(saved: dict[str, dict[str, Any]], tensors: dict[str, torch
         tensor = tensors.get(name)
         if tensor is None:
             found["missing"].append(name)
-        elif list(tensor.shape) != record["shape"]:
+        elif list(full_shape(tensor)) != record["shape"]:
             found["shape"].append(name)
         elif record["fingerprint"] is None or tensor.is_meta:
             found["unchecked"].append(name)

@@ -15,6 +15,7 @@ from transformers.utils import logging as hf_logging
 
 from .base_weights import check_base_layer, hold_standard_layout, looks_quantized, release_standard_layout, was_repacked
 from .config import GoatConfig
+from .distributed import require_whole_weights
 from .layer import GoatLinear
 
 logger = logging.getLogger(__name__)
@@ -191,6 +192,7 @@ def find_target_linears(model: nn.Module, config: GoatConfig, heads: list[str]) 
             f"target_modules={spec!r} matches no module of {type(model).__name__} (the task head and output "
             f"embeddings are never targets). Its Linear layers are named: {', '.join(linear_names) or 'none'}."
         )
+    require_whole_weights(targets)  # first: a sharded weight would read as an unknown quantized one below
     for name, module in targets.items():
         check_base_layer(name, module)
     not_linear = {name: type(m).__name__ for name, m in targets.items() if not isinstance(m, nn.Linear)}

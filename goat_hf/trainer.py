@@ -23,6 +23,7 @@ from .routing_health import load_summary
 from .routing_trackers import RoutingTrackerCallback
 from .step_guard import NonFiniteGuard
 from .trainer_hub import GoatHubMixin
+from .trainer_sharding import GoatShardedCheckpointMixin
 from .training_args import GoatTrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ CHECKPOINTING_FLAG = (
 )
 
 
-class GoatTrainerMixin(GoatHubMixin):
+class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
     """Mix into a transformers Trainer (before it in the bases) to train GOAT adapters.
 
     - injects GOAT with `goat_config`, the GOAT flags of GoatTrainingArguments, or the paper's defaults when the
@@ -234,10 +235,11 @@ class GoatTrainerMixin(GoatHubMixin):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        # every rank: under FSDP2 / ZeRO-3 the adapter is gathered collectively, then the main process writes it
+        save_goat_adapter(model, output_dir, is_main_process=self.args.should_save)
         if not self.args.should_save:
             return
-        model = self.accelerator.unwrap_model(self.model)
-        save_goat_adapter(model, output_dir)
         try:  # the card only decorates the checkpoint: it must never end a run
             write_model_card(model, output_dir, trainer=self)
         except Exception as error:  # noqa: BLE001 - any failure of a decoration is logged, not raised

@@ -346,8 +346,10 @@ def test_sft_example_with_load_in_4bit(tmp_path):
     )  # fmt: skip
     adapter = json.loads((out / "goat_config.json").read_text())
     record = adapter["base_tensors"]["model.layers.0.self_attn.q_proj.weight"]  # the dense W0, not the packed codes
-    assert record["dtype"] == "float32" and record["shape"] == [adapter["layers"]["model.layers.0.self_attn.q_proj"][
-        "out_features"], adapter["layers"]["model.layers.0.self_attn.q_proj"]["in_features"]]
+    assert record["dtype"] == "float32" and record["shape"] == [
+        adapter["layers"]["model.layers.0.self_attn.q_proj"]["out_features"],
+        adapter["layers"]["model.layers.0.self_attn.q_proj"]["in_features"],
+    ]
     saved = load_file(out / "goat_adapter.safetensors")  # TRL casts a quantized model's trainable weights to bf16
     assert {tensor.dtype for tensor in saved.values()} == {torch.float32}  # GOAT keeps them fp32
     fresh = AutoModelForCausalLM.from_pretrained(

@@ -188,7 +188,8 @@ def test_compare_lora_prints_goat_lora_and_the_majority_rate(tmp_path, tiny_bert
     line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("Held-out accuracy"))
     match = re.fullmatch(
         r"Held-out accuracy on 12 validation rows: GOAT (\S+) \| LoRA \(PEFT, same total rank\) (\S+) \| "
-        r"majority class 0\.500", line
+        r"majority class 0\.500",
+        line,
     )
     assert match, line
     results = json.loads((output_dir / "all_results.json").read_text())

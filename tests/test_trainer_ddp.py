@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cpu_sharding import run_ranks
 from safetensors.torch import load_file
 from trainer_fixtures import (
     HEALTH_KEYS,
@@ -26,19 +24,7 @@ one_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 @pytest.mark.slow
 def test_ddp_two_processes_train_identical_adapters(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(TESTS.parent)}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(TESTS / "ddp_worker.py"),
-        str(tmp_path),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_ranks(TESTS / "ddp_worker.py", tmp_path)
 
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     adapters = [load_file(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1)]
