@@ -52,18 +52,10 @@ class FusedGoatFunction(torch.autograd.Function):
     def forward(ctx, x, base_weight, base_bias, base, router_weight, expert_A, expert_B, residual_A, residual_B,
                 scaling, correction, top_k, with_probs):
         E, r = router_weight.shape[0], expert_A.shape[0]
-        projection, up = _stacked(router_weight, expert_A, expert_B, residual_A, residual_B, correction)
-        hidden = x @ projection.T  # [T, E + r (+ r)]: router logits | expert activations | residual activations
-        logits = hidden[:, :E]
-        gates, top_experts = routing_gates(logits, top_k, scaling)
-        hidden[:, E : E + r].unflatten(1, (E, -1)).mul_(gates.unsqueeze(-1))  # expert j's d columns × s·w_j
-        if base_weight is not None:
-            out = F.linear(x, base_weight, base_bias).addmm_(hidden[:, E:], up.T)
-        elif base is not None:
-            out = torch.addmm(base, hidden[:, E:], up.T)
-        else:
-            out = hidden[:, E:] @ up.T
-        probs = small_softmax(logits) if with_probs else None
+        projection, up = stacked_weights(router_weight, expert_A, expert_B, residual_A, residual_B, correction)
+        out, probs, top_experts, hidden, gates = fused_forward(
+            x, base_weight, base_bias, base, projection, up, E, r, scaling, top_k, with_probs
+        )
         # the weights themselves, not their stacked copies: those are rebuilt in the backward (small, transient)
         ctx.save_for_backward(x, base_weight, hidden, gates, probs, router_weight, expert_A, expert_B, residual_A,
                               residual_B)
@@ -77,7 +69,7 @@ class FusedGoatFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out, grad_probs, _):
         x, base_weight, hidden, gates, probs, *weights = ctx.saved_tensors
-        projection, up = _stacked(*weights, ctx.correction)
+        projection, up = stacked_weights(*weights, ctx.correction)
         E, r = gates.shape[1], ctx.rank
         needs = ctx.needs_input_grad
         grad_hidden = torch.zeros_like(hidden) if grad_out is None else torch.empty_like(hidden)
@@ -105,7 +97,23 @@ class FusedGoatFunction(torch.autograd.Function):
         return grad_x, None, None, grad_base, grad_router, grad_A, grad_up, None, None, None, None, None, None
 
 
-def _stacked(router_weight, expert_A, expert_B, residual_A, residual_B, correction):
+def fused_forward(x, base_weight, base_bias, base, projection, up, E, r, scaling, top_k, with_probs):
+    """The forward of FusedGoatFunction on stacked weights: (out, probs, picked experts, hidden, gates)."""
+    hidden = x @ projection.T  # [T, E + r (+ r)]: router logits | expert activations | residual activations
+    logits = hidden[:, :E]
+    gates, top_experts = routing_gates(logits, top_k, scaling)
+    hidden[:, E : E + r].unflatten(1, (E, -1)).mul_(gates.unsqueeze(-1))  # expert j's d columns × s·w_j
+    if base_weight is not None:
+        out = F.linear(x, base_weight, base_bias).addmm_(hidden[:, E:], up.T)
+    elif base is not None:
+        out = torch.addmm(base, hidden[:, E:], up.T)
+    else:
+        out = hidden[:, E:] @ up.T
+    probs = small_softmax(logits) if with_probs else None
+    return out, probs, top_experts, hidden, gates
+
+
+def stacked_weights(router_weight, expert_A, expert_B, residual_A, residual_B, correction):
     """[W_r; A; c·A0] ([E + r (+ r), n]) and [B | B0] ([m, r (+ r)]); c = -c·s is folded into the frozen rows."""
     if residual_A is None:
         return torch.cat([router_weight, expert_A]), expert_B

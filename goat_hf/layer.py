@@ -10,7 +10,7 @@ from torch import nn
 
 from .base_weights import dense_weight
 from .config import GoatConfig
-from .fused import FusedGoatFunction, routing_gates, small_softmax
+from .fused import FusedGoatFunction, fused_forward, routing_gates, small_softmax, stacked_weights
 from .init import scaled_expert_factors
 
 
@@ -59,6 +59,7 @@ class GoatLinear(nn.Module):
         self.token_mask: torch.Tensor | None = None  # over x.shape[:-1] (matched by shape); 0 marks padding
         self.routing: RoutingRecord | None = None  # training with grad only, unless record_routing
         self.record_routing = False  # True: record in evaluation and under no_grad too (goat_hf.record_routing)
+        self._stacked_cache: tuple | None = None  # (key, projection, up) between no-grad forwards
 
     @classmethod
     def from_linear(
@@ -115,10 +116,28 @@ class GoatLinear(nn.Module):
         else:
             weight = bias = None
             base = result.reshape(-1, self.out_features) if result.dtype == torch.float32 else None
-        return FusedGoatFunction.apply(
-            x, weight, bias, base, self.router.weight, self.expert_A, self.expert_B, self.residual_A,
-            self.residual_B, self.scaling, -self.init_cof * self.scaling, self.top_k, self._records_routing(),
+        weights = (self.router.weight, self.expert_A, self.expert_B, self.residual_A, self.residual_B)
+        correction = -self.init_cof * self.scaling
+        if torch.is_grad_enabled():
+            self._stacked_cache = None  # training: the weights change every step
+            return FusedGoatFunction.apply(
+                x, weight, bias, base, *weights, self.scaling, correction, self.top_k, self._records_routing()
+            )
+        projection, up = self._stacked_for_inference(weights, correction)
+        out, probs, top_experts, _, _ = fused_forward(
+            x, weight, bias, base, projection, up, self.num_experts, self.expert_A.shape[0], self.scaling,
+            self.top_k, self._records_routing(),
         )
+        return out, probs, top_experts
+
+    def _stacked_for_inference(self, weights: tuple, correction: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stacked weights, kept between no-grad forwards (evaluation, generate) while no weight changed: the
+        key holds each tensor's storage and version counter, which any in-place update (an optimizer step,
+        load_state_dict, `param.data = ...`) changes."""
+        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in weights) + (correction,)
+        if self._stacked_cache is None or self._stacked_cache[0] != key:
+            self._stacked_cache = (key, *stacked_weights(*weights, correction))
+        return self._stacked_cache[1], self._stacked_cache[2]
 
     def _base_fuses(self, x: torch.Tensor) -> bool:
         """Whether W0 x + b can run inside the fused Function: a plain fp32 nn.Linear, frozen, without hooks (an

@@ -314,3 +314,22 @@ def test_dropout_does_not_touch_the_residual_path():
 def test_extra_repr_names_the_settings():
     text = repr(make_layer("goat", 8, 2))
     assert "num_experts=8" in text and "top_k=2" in text and "expert_rank=2" in text and "residual=True" in text
+
+
+def test_no_grad_forwards_follow_every_weight_change():
+    """Evaluation keeps the stacked weights between no-grad forwards; any change of a weight must show at once
+    (compared with the grad-enabled forward, which stacks them anew each time and is checked against the loop)."""
+    layer = trained_like(make_layer("goat", 8, 2)).eval()
+    x = torch.randn(5, N_IN)
+    with torch.no_grad():
+        first = layer(x)
+        layer.expert_B.add_(0.5)  # an optimizer step is an in-place update like this one
+        changed = layer(x)
+    torch.testing.assert_close(changed, layer(x).detach(), rtol=0, atol=0)
+    assert not torch.allclose(first, changed)
+    state = {key: value + 0.1 for key, value in layer.state_dict().items() if key != "base_layer.weight"}
+    layer.load_state_dict(state, strict=False)  # router, experts and the residual buffers
+    with torch.no_grad():
+        reloaded = layer(x)
+    torch.testing.assert_close(reloaded, layer(x).detach(), rtol=0, atol=0)
+    assert not torch.allclose(changed, reloaded)
