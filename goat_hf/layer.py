@@ -175,14 +175,13 @@ class GoatLinear(nn.Module):
         router probabilities [T, E]: the balance loss trains the router)."""
         T, k = top_experts.shape
         real = self._real_tokens(tokens_shape, probs)  # [T, 1] or None: every token is real
-        weights = probs.new_ones(T, 1) if real is None else real
-        picks = probs.new_zeros(self.num_experts)  # [E] how many real tokens picked each expert
-        picks.scatter_add_(0, top_experts.reshape(-1), weights.expand(T, k).reshape(-1))
         if real is None:
-            f, P = picks / T, probs.sum(0) / T  # [E] picks per token, mean router probability
+            real, num_real = probs.new_ones(T, 1), T
         else:
             num_real = real.sum().clamp(min=1.0)
-            f, P = picks / num_real, (probs * real).sum(0) / num_real
+        picks = probs.new_zeros(self.num_experts)  # [E] how many real tokens picked each expert
+        picks.scatter_add_(0, top_experts.reshape(-1), real.expand(T, k).reshape(-1))
+        f, P = picks / num_real, (probs * real).sum(0) / num_real  # [E] picks per token, mean router probability
         return RoutingRecord(
             probs=probs.detach(),
             top_experts=top_experts,
