@@ -100,7 +100,9 @@ def run_one(task: Task, method: Method, lr: float, seed: int, threads: int) -> d
         trainer.train()
         seconds = time.perf_counter() - start
     model = trainer.model
-    losses = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    losses = [(entry["step"], entry["loss"]) for entry in logged]  # GOAT: task + balance term
+    task_losses = [(entry["step"], entry.get("task_loss", entry["loss"])) for entry in logged]
     return {
         "method": method.name,
         "lr": lr,
@@ -109,6 +111,7 @@ def run_one(task: Task, method: Method, lr: float, seed: int, threads: int) -> d
         "steps": trainer.state.global_step,
         "seconds": round(seconds, 1),
         "losses": losses,
+        "task_losses": task_losses,
         "validation": task.score(model, task.splits.validation, collator),
         "test": task.score(model, task.splits.test, collator),
     }
@@ -246,8 +249,9 @@ def plot(task: Task, rows: list[dict[str, Any]], runs: list[dict], path: Path) -
     for row in rows:
         source = METHODS[row["method"]].runs_as or row["method"]
         chosen = [r for r in runs if r["method"] == source and r["lr"] == row["lr"]]
-        steps = [s for s, _ in chosen[0]["losses"]]
-        mean = [statistics.mean(r["losses"][i][1] for r in chosen if i < len(r["losses"])) for i in range(len(steps))]
+        key = "task_losses" if all("task_losses" in r for r in chosen) else "losses"
+        steps = [s for s, _ in chosen[0][key]]
+        mean = [statistics.mean(r[key][i][1] for r in chosen if i < len(r[key])) for i in range(len(steps))]
         curves.plot(steps, mean, label=row["label"], linewidth=1.2)
     curves.set_xlabel("step")
     curves.set_ylabel("training loss")
