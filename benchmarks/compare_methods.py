@@ -63,6 +63,12 @@ METHODS = {
             runs_as="goat_aligned",
         ),
         Method("goat_dense", "goat", "GOAT, top-8 of 8 (every expert on every token)", goat={"top_k": 8}),
+        Method(
+            "goat_zero_dense",
+            "goat",
+            "GOAT machinery, LoRA's init (init=zero, top-8 of 8)",
+            goat={"init": "zero", "top_k": 8},
+        ),
         Method("goat_rho1", "goat", "GOAT, ρ = 1 (first-order step × √10)", goat={"rho": 1.0}),
         Method("goat_rho100", "goat", "GOAT, ρ = 100 (init perturbation / 10)", goat={"rho": 100.0}),
         Method("goat_slow_router", "goat", "GOAT, router lr 1e-4", router_lr=1e-4),
