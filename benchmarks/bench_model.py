@@ -236,14 +236,30 @@ def report(args: argparse.Namespace, r: int, steps: dict, forwards: dict, extra:
     note = f"GOAT also holds {extra['goat_residual_buffers']:,.0f} frozen residual factors"
     goat_p, lora_p = extra["goat_trainable"], extra["lora_trainable"]
     row("trainable parameters", goat_p, lora_p, goat_p / lora_p, ",.0f", note)
-    row("init: get_goat_model / get_peft_model (s)", extra["goat_init_s"], extra["lora_init_s"],
-        extra["goat_init_s"] / extra["lora_init_s"], ".2f")
+    row(
+        "init: get_goat_model / get_peft_model (s)",
+        extra["goat_init_s"],
+        extra["lora_init_s"],
+        extra["goat_init_s"] / extra["lora_init_s"],
+        ".2f",
+    )
     if "goat_load_s" in extra:
         note = verdict(extra["goat_load_s"] <= 1.0, "GOAT <= 1 s")
-        row("adapter load onto a loaded base (s)", extra["goat_load_s"], extra["lora_load_s"],
-            extra["goat_load_s"] / extra["lora_load_s"], ".3f", note)
-        row("adapter folder (MiB)", extra["goat_file_mib"], extra["lora_file_mib"],
-            extra["goat_file_mib"] / extra["lora_file_mib"], ".1f")
+        row(
+            "adapter load onto a loaded base (s)",
+            extra["goat_load_s"],
+            extra["lora_load_s"],
+            extra["goat_load_s"] / extra["lora_load_s"],
+            ".3f",
+            note,
+        )
+        row(
+            "adapter folder (MiB)",
+            extra["goat_file_mib"],
+            extra["lora_file_mib"],
+            extra["goat_file_mib"] / extra["lora_file_mib"],
+            ".1f",
+        )
     return "\n".join(lines)
 
 

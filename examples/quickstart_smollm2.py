@@ -1,6 +1,6 @@
 """GOAT on SmolLM2-135M, offline: inject, count parameters, show routing, save, reload, compare logits.
 
-    python examples/quickstart_smollm2.py [--output_dir outputs/quickstart]
+python examples/quickstart_smollm2.py [--output_dir outputs/quickstart]
 """
 
 from __future__ import annotations

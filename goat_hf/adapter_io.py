@@ -219,6 +219,7 @@ def base_tensors(model: nn.Module, modules_to_save: list[str] | None = None) -> 
     }
     if not dense:
         return tensors
+
     def packed(key: str) -> bool:  # the weight itself or its quantisation state (`<weight>.absmax`, ...)
         parts = key.split(".")
         return any(".".join(parts[:i]) in dense for i in range(len(parts), 0, -1))

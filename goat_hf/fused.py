@@ -49,16 +49,31 @@ class FusedGoatFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, base_weight, base_bias, base, router_weight, expert_A, expert_B, residual_A, residual_B,
-                scaling, correction, top_k, with_probs):
+    def forward(
+        ctx,
+        x,
+        base_weight,
+        base_bias,
+        base,
+        router_weight,
+        expert_A,
+        expert_B,
+        residual_A,
+        residual_B,
+        scaling,
+        correction,
+        top_k,
+        with_probs,
+    ):
         E, r = router_weight.shape[0], expert_A.shape[0]
         projection, up = stacked_weights(router_weight, expert_A, expert_B, residual_A, residual_B, correction)
         out, probs, top_experts, hidden, gates = fused_forward(
             x, base_weight, base_bias, base, projection, up, E, r, scaling, top_k, with_probs
         )
         # the weights themselves, not their stacked copies: those are rebuilt in the backward (small, transient)
-        ctx.save_for_backward(x, base_weight, hidden, gates, probs, router_weight, expert_A, expert_B, residual_A,
-                              residual_B)
+        ctx.save_for_backward(
+            x, base_weight, hidden, gates, probs, router_weight, expert_A, expert_B, residual_A, residual_B
+        )
         ctx.correction = correction
         ctx.scaling, ctx.rank, ctx.has_base = scaling, r, base is not None
         ctx.mark_non_differentiable(top_experts)

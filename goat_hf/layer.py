@@ -39,9 +39,7 @@ class GoatLinear(nn.Module):
     Adapters and router are fp32 whatever the base dtype.
     """
 
-    def __init__(
-        self, base_layer: nn.Linear, config: GoatConfig, scaling: float, with_residual: bool
-    ) -> None:
+    def __init__(self, base_layer: nn.Linear, config: GoatConfig, scaling: float, with_residual: bool) -> None:
         super().__init__()
         n, m, device = base_layer.in_features, base_layer.out_features, base_layer.weight.device
         self.base_layer = base_layer
@@ -125,8 +123,17 @@ class GoatLinear(nn.Module):
             )
         projection, up = self._stacked_for_inference(weights, correction)
         out, probs, top_experts, _, _ = fused_forward(
-            x, weight, bias, base, projection, up, self.num_experts, self.expert_A.shape[0], self.scaling,
-            self.top_k, self._records_routing(),
+            x,
+            weight,
+            bias,
+            base,
+            projection,
+            up,
+            self.num_experts,
+            self.expert_A.shape[0],
+            self.scaling,
+            self.top_k,
+            self._records_routing(),
         )
         return out, probs, top_experts
 

@@ -53,7 +53,9 @@ def get_goat_model(model: nn.Module, config: GoatConfig | None = None) -> nn.Mod
     if too_small:
         logger.warning(
             "GOAT skips %d layer(s) with min(in, out) < r=%d, as the reference does: %s",
-            len(too_small), config.r, ", ".join(too_small),
+            len(too_small),
+            config.r,
+            ", ".join(too_small),
         )
     generator = torch.Generator().manual_seed(config.seed)
     todo = {name: linear for name, linear in targets.items() if name not in too_small}
@@ -309,7 +311,7 @@ def trainable_parameter_counts(model: nn.Module) -> dict[str, int]:
 
 
 def parameter_kind(name: str) -> str:
-    """"experts", "router" or "head" (a module trained in full) for a trainable parameter's name."""
+    """ "experts", "router" or "head" (a module trained in full) for a trainable parameter's name."""
     if name.endswith((".expert_A", ".expert_B")):
         return "experts"
     return "router" if ".router." in name else "head"

@@ -50,8 +50,14 @@ class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
     - saves and restores the adapter only (plus Trainer's optimizer, scheduler and RNG state).
     """
 
-    def __init__(self, model: nn.Module | None = None, args: Any = None, *rest: Any,
-                 goat_config: GoatConfig | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: Any = None,
+        *rest: Any,
+        goat_config: GoatConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
         if model is None:
             raise ValueError(f"{type(self).__name__} needs `model` (model_init is not supported).")
         config = self._resolve_goat_config(model, args, goat_config)
@@ -89,7 +95,8 @@ class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
         if goat_config is None and from_args is not None and from_args != state.config:
             logger.warning(
                 "The model already has GOAT layers: training with their GoatConfig (aux_loss_coef=%g); the GOAT "
-                "flags of GoatTrainingArguments are not used.", state.config.aux_loss_coef,
+                "flags of GoatTrainingArguments are not used.",
+                state.config.aux_loss_coef,
             )
         return state.config
 
@@ -104,8 +111,9 @@ class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
 
     # ---- loss ----
 
-    def training_step(self, model: nn.Module, inputs: dict[str, Any],
-                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.nonfinite_guard.record_loss(loss)  # checked with the gradients before the optimizer step
         return loss
@@ -123,8 +131,13 @@ class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
             ForCausalLMLoss
         )
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
         for layer in self._goat_layers:
             layer.routing = None  # a layer this forward skips must not hand in last step's graph
         scaled = num_items_in_batch is not None and self._loss_uses_num_items_in_batch(model)
@@ -207,8 +220,10 @@ class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
         args = self.args
         settings = {
             "experts": (args.learning_rate, args.weight_decay),
-            "router": (getattr(args, "router_learning_rate", None) or args.learning_rate,
-                       getattr(args, "router_weight_decay", 0.0)),
+            "router": (
+                getattr(args, "router_learning_rate", None) or args.learning_rate,
+                getattr(args, "router_weight_decay", 0.0),
+            ),
             "head": (args.learning_rate, args.weight_decay),
             "head_no_decay": (args.learning_rate, 0.0),
         }
@@ -225,10 +240,11 @@ class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
             for name, (lr, wd) in settings.items()
             if params[name]
         ]
-        logger.info("GOAT optimizer groups: %s", ", ".join(
+        described = (
             f"{g['name']}: {sum(p.numel() for p in g['params']):,} params, lr {g['lr']:g}, decay {g['weight_decay']:g}"
             for g in groups
-        ))
+        )
+        logger.info("GOAT optimizer groups: %s", ", ".join(described))
         return groups
 
     # ---- saving and loading: the adapter only ----
@@ -243,8 +259,12 @@ class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
         try:  # the card only decorates the checkpoint: it must never end a run
             write_model_card(model, output_dir, trainer=self)
         except Exception as error:  # noqa: BLE001 - any failure of a decoration is logged, not raised
-            logger.warning("No model card in %s (%s: %s); the adapter and the rest are saved.", output_dir,
-                           type(error).__name__, error)
+            logger.warning(
+                "No model card in %s (%s: %s); the adapter and the rest are saved.",
+                output_dir,
+                type(error).__name__,
+                error,
+            )
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
@@ -265,8 +285,9 @@ class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
         restore_goat_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
-        logger.info("Loading the best adapter from %s (score: %s).", self.state.best_model_checkpoint,
-                    self.state.best_metric)
+        logger.info(
+            "Loading the best adapter from %s (score: %s).", self.state.best_model_checkpoint, self.state.best_metric
+        )
         restore_goat_weights(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
 
 

@@ -49,8 +49,9 @@ def trained_like(layer: GoatLinear) -> GoatLinear:
 GRAD_NAMES = ["expert_A", "expert_B", "router.weight", "input"]
 
 
-def task_and_balance_grads(layer: GoatLinear, x: torch.Tensor, y: torch.Tensor, balance: torch.Tensor,
-                           direction: torch.Tensor) -> tuple[dict, torch.Tensor, dict]:
+def task_and_balance_grads(
+    layer: GoatLinear, x: torch.Tensor, y: torch.Tensor, balance: torch.Tensor, direction: torch.Tensor
+) -> tuple[dict, torch.Tensor, dict]:
     """Gradients w.r.t. experts, router and input of the task loss (y * direction).sum(), of the balance loss
     alone (router), and of task + 0.7 * balance in one backward (what a training step sends)."""
     params = [layer.expert_A, layer.expert_B, layer.router.weight, x]
