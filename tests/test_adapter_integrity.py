@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import stat
 
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from goat_hf import GoatAdapterError, GoatConfig, get_goat_model, goat_layers, load_goat_adapter, save_goat_adapter
 from goat_hf.adapter_format import SAVE_ID_KEY
 from goat_hf.adapter_io import CONFIG_NAME, WEIGHTS_NAME, weights_digest
+from goat_hf.fingerprint import _close, tensor_fingerprint
 
 SMALL = GoatConfig(r=16, num_experts=8, top_k=2)
 Q = "model.layers.0.self_attn.q_proj"
@@ -272,3 +274,14 @@ def test_the_next_save_removes_orphan_temporary_files(saved):
     save_goat_adapter(trained(tiny_llama(seed=0)), saved)
     assert not any(orphan.exists() for orphan in orphans)
     assert (saved / "notes.tmp").exists()
+
+
+@pytest.mark.parametrize("special", [float("-inf"), float("nan")], ids=["-inf", "nan"])
+def test_non_finite_buffers_get_finite_fingerprints_that_still_see_a_change(special):
+    mask = torch.zeros(16, 16).masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), special)  # a causal mask
+    fingerprint = tensor_fingerprint(mask)
+    assert all(math.isfinite(value) for value in fingerprint)
+    assert _close(tensor_fingerprint(mask.clone()), fingerprint, same_dtype=True)
+    changed = mask.clone()
+    changed[5, 2] = 0.5
+    assert not _close(tensor_fingerprint(changed), fingerprint, same_dtype=True)
