@@ -229,6 +229,13 @@ def markdown_table(task: Task, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def task_loss_curve(run: dict) -> list | None:
+    """The run's task-loss curve: recorded apart for runs since 0.3.0, the logged loss for Trainer methods."""
+    if "task_losses" in run:
+        return run["task_losses"]
+    return run["losses"] if METHODS[run["method"]].kind != "goat" else None
+
+
 def plot(task: Task, rows: list[dict[str, Any]], runs: list[dict], path: Path) -> None:
     """Left: the test metric per method (mean ± std); right: training-loss curves at each chosen lr (mean of seeds)."""
     import matplotlib
@@ -246,15 +253,20 @@ def plot(task: Task, rows: list[dict[str, Any]], runs: list[dict], path: Path) -
     low = min(m - s for m, s in zip(means, stds, strict=True))
     bars.set_xlim(max(0.0, low - 0.03), min(1.0, max(means) + 0.03))
     bars.set_xlabel(f"test {task.metric} (mean ± std over seeds)")
+    chosen_runs = {}
     for row in rows:
         source = METHODS[row["method"]].runs_as or row["method"]
-        chosen = [r for r in runs if r["method"] == source and r["lr"] == row["lr"]]
-        key = "task_losses" if all("task_losses" in r for r in chosen) else "losses"
-        steps = [s for s, _ in chosen[0][key]]
-        mean = [statistics.mean(r[key][i][1] for r in chosen if i < len(r[key])) for i in range(len(steps))]
-        curves.plot(steps, mean, label=row["label"], linewidth=1.2)
+        chosen_runs[row["label"]] = [r for r in runs if r["method"] == source and r["lr"] == row["lr"]]
+    # one kind of loss for the whole figure: the task loss when every routed run recorded it apart from its balance
+    # term (Trainer's loss is the task loss), else the logged loss for all
+    task_only = all(task_loss_curve(r) is not None for chosen in chosen_runs.values() for r in chosen)
+    for label, chosen in chosen_runs.items():
+        curves_of = [task_loss_curve(r) if task_only else r["losses"] for r in chosen]
+        steps = [s for s, _ in curves_of[0]]
+        mean = [statistics.mean(c[i][1] for c in curves_of if i < len(c)) for i in range(len(steps))]
+        curves.plot(steps, mean, label=label, linewidth=1.2)
     curves.set_xlabel("step")
-    curves.set_ylabel("training loss")
+    curves.set_ylabel("training loss" + (" (task)" if task_only else " (routed methods: + balance term)"))
     curves.legend(fontsize=7)
     fig.suptitle(f"{task.name}: equal total rank, equal steps, lr chosen on validation")
     fig.tight_layout()

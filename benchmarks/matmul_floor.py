@@ -1,9 +1,12 @@
-"""The matmul floor of issue 10's ratios: multiply-adds per token of GOAT and of LoRA on SmolLM2-135M.
+"""The multiply-add ratio behind issue 10's timings: matmul work per token of GOAT and of LoRA on SmolLM2-135M.
 
-Why: bench_model measures GOAT / LoRA; this says what the ratio cannot go below while GOAT keeps its exactness
-promises (W0 untouched, so the frozen rank-r residual -c·s·B0·A0 x is computed on every token, in the forward and
-in dx). Counted from the model's shapes (built on the meta device, no weights): every adapted Linear n -> m, the
-frozen lm_head, and causal attention at the benchmark's sequence length. Elementwise work is not counted.
+Why: bench_model times GOAT / LoRA; this counts how much more matmul arithmetic GOAT does while it keeps its
+exactness promises (W0 untouched, so the frozen rank-r residual -c·s·B0·A0 x is computed on every token, in the
+forward and in dx). Counted from the model's shapes (built on the meta device, no weights): every adapted Linear
+n -> m, the frozen lm_head, and attention at the benchmark's sequence length, counted causally ((seq + 1) / 2 keys
+per query; the full square would move the r = 32 ratio by 0.002). Elementwise work (norms, activations, the loss,
+AdamW, LoRA's `* scaling` and `+`, GOAT's routing) is not counted: it moves the time ratio towards 1 where both
+methods share it, and below the multiply-add ratio where LoRA's own passes cost more than GOAT's.
 
 Per adapted Linear and token, with d = r / E, training step (frozen W0: forward and dx, no dW0):
   base              2·n·m
@@ -55,8 +58,9 @@ def goat_macs(n: int, m: int, r: int, E: int, residual: bool, step: bool) -> int
 
 def per_token_macs(adapted, other, attention: float, r: int, E: int, residual: bool) -> dict[str, float]:
     """Multiply-adds per token: base, LoRA and GOAT, for a training step and for a no-grad forward."""
-    base_fwd = sum(n * m for n, m in adapted + other) + attention
-    base_step = 2 * base_fwd  # frozen: the forward and dx, no weight gradient
+    linears = sum(n * m for n, m in adapted + other)
+    base_fwd = linears + attention
+    base_step = 2 * linears + 3 * attention  # frozen Linears: forward and dx; attention: forward, dQ·K/dK·Q, dP, dV
     lora = {step: sum(lora_macs(n, m, r, step) for n, m in adapted) for step in (False, True)}
     goat = {step: sum(goat_macs(n, m, r, E, residual, step) for n, m in adapted) for step in (False, True)}
     return {

@@ -276,12 +276,14 @@ def test_the_next_save_removes_orphan_temporary_files(saved):
     assert (saved / "notes.tmp").exists()
 
 
-@pytest.mark.parametrize("special", [float("-inf"), float("nan")], ids=["-inf", "nan"])
-def test_non_finite_buffers_get_finite_fingerprints_that_still_see_a_change(special):
+@pytest.mark.parametrize(
+    "special", [float("-inf"), float("nan"), torch.finfo(torch.float32).min], ids=["-inf", "nan", "finfo.min"]
+)
+def test_mask_buffers_get_finite_fingerprints_that_still_see_a_change(special):
     mask = torch.zeros(16, 16).masked_fill(torch.ones(16, 16, dtype=torch.bool).triu(1), special)  # a causal mask
     fingerprint = tensor_fingerprint(mask)
     assert all(math.isfinite(value) for value in fingerprint)
     assert _close(tensor_fingerprint(mask.clone()), fingerprint, same_dtype=True)
     changed = mask.clone()
-    changed[5, 2] = 0.5
+    changed[2, 5] = 0.0  # one masked position unmasked
     assert not _close(tensor_fingerprint(changed), fingerprint, same_dtype=True)
