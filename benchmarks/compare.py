@@ -90,6 +90,7 @@ def run_one(task: Task, method: Method, lr: float, seed: int, threads: int) -> d
             disable_tqdm=True,
             dataloader_num_workers=0,
             **({"router_learning_rate": method.router_lr} if method.router_lr else {}),
+            **({"head_learning_rate": method.head_lr} if method.head_lr else {}),
         )
         kwargs = {"goat_config": method.goat_config(seed)} if method.kind == "goat" else {}
         trainer_class = GoatTrainer if method.kind == "goat" else Trainer
@@ -118,8 +119,9 @@ def run_one(task: Task, method: Method, lr: float, seed: int, threads: int) -> d
 
 
 def training_arguments_class(method: Method) -> type[TrainingArguments]:
-    """GoatTrainingArguments when the method sets a GOAT-only argument (the router's lr), else TrainingArguments."""
-    return GoatTrainingArguments if method.router_lr else TrainingArguments
+    """GoatTrainingArguments when the method sets a GOAT-only argument (the router's or the head's lr), else
+    TrainingArguments."""
+    return GoatTrainingArguments if method.router_lr or method.head_lr else TrainingArguments
 
 
 def lr_grid(task: Task, method: Method, quick: bool = False) -> tuple[float, ...]:

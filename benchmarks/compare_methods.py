@@ -27,6 +27,7 @@ class Method:
     grid: str = "adapter"  # which lr grid of the task it sweeps: "adapter" or "full"
     runs_as: str | None = None  # reuse the runs of this method (with lr_from: the same runs read at another lr)
     router_lr: float | None = None  # GOAT: the routers' own lr (None: the swept lr, as the experts')
+    head_lr: float | None = None  # GOAT: the task head's own lr (None: the swept lr)
 
     @property
     def active_rank(self) -> int:
@@ -72,6 +73,7 @@ METHODS = {
         Method("goat_rho1", "goat", "GOAT, ρ = 1 (first-order step × √10)", goat={"rho": 1.0}),
         Method("goat_rho100", "goat", "GOAT, ρ = 100 (init perturbation / 10)", goat={"rho": 100.0}),
         Method("goat_slow_router", "goat", "GOAT, router lr 1e-4", router_lr=1e-4),
+        Method("goat_head_lr", "goat", "GOAT, classifier head at LoRA's lr 4e-3", head_lr=4e-3),
         Method("goat_pissa", "goat", "GOAT, init=pissa segments", goat={"init": "pissa"}),
         Method("goat_r32", "goat", "GOAT r = 32 (active rank 8)", rank=32),
         Method("lora_r32", "peft", "LoRA (PEFT) r = 32", rank=32),

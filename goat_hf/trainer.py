@@ -215,7 +215,7 @@ class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
         return self.optimizer
 
     def goat_parameter_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Trainable parameters only: experts, routers (own lr and decay), task head with and without decay."""
+        """Trainable parameters only: experts, routers (own lr and decay), task head (own lr) with and without decay."""
         decay = set(self.get_decay_parameter_names(model))
         args = self.args
         settings = {
@@ -224,8 +224,8 @@ class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
                 getattr(args, "router_learning_rate", None) or args.learning_rate,
                 getattr(args, "router_weight_decay", 0.0),
             ),
-            "head": (args.learning_rate, args.weight_decay),
-            "head_no_decay": (args.learning_rate, 0.0),
+            "head": (getattr(args, "head_learning_rate", None) or args.learning_rate, args.weight_decay),
+            "head_no_decay": (getattr(args, "head_learning_rate", None) or args.learning_rate, 0.0),
         }
         params: dict[str, list[nn.Parameter]] = {name: [] for name in settings}
         for name, param in model.named_parameters():

@@ -62,6 +62,17 @@ GoatTrainingArguments = dataclasses.make_dataclass(
             dataclasses.field(default=None, metadata={"help": "Learning rate of the routers; None = learning_rate."}),
         ),
         (
+            "head_learning_rate",
+            float | None,
+            dataclasses.field(
+                default=None,
+                metadata={
+                    "help": "Learning rate of the fully trained modules (modules_to_save, e.g. a new classifier "
+                    "head); None = learning_rate."
+                },
+            ),
+        ),
+        (
             "router_weight_decay",
             float,
             dataclasses.field(default=0.0, metadata={"help": "Weight decay of the routers (none by default)."}),
@@ -85,5 +96,5 @@ GoatTrainingArguments = dataclasses.make_dataclass(
 GoatTrainingArguments.__module__ = __name__
 GoatTrainingArguments.__doc__ = (
     "TrainingArguments with the GOAT flags (`--goat_r`, `--goat_num_experts`, `--aux_loss_coef`, "
-    "`--router_learning_rate`, ...); `to_goat_config()` gives the GoatConfig they describe."
+    "`--router_learning_rate`, `--head_learning_rate`, ...); `to_goat_config()` gives the GoatConfig they describe."
 )

@@ -79,6 +79,23 @@ def test_router_defaults_to_the_learning_rate_and_no_decay(make_model, tmp_path,
     assert groups["router"][1:] == (2e-4, 0.0)
 
 
+def test_head_learning_rate_sets_the_fully_trained_modules_only(make_model, tmp_path):
+    model = make_model("bert-cls")
+    args = cpu_args(
+        tmp_path,
+        GoatTrainingArguments,
+        learning_rate=1e-3,
+        weight_decay=0.01,
+        head_learning_rate=4e-3,
+        goat_r=8,
+        goat_num_experts=4,
+        goat_modules_to_save=["classifier"],
+    )
+    trainer = GoatTrainer(model=model, args=args, train_dataset=classification_dataset())
+    lrs = {name: lr for name, (_, lr, _) in groups_by_name(trainer, model).items()}
+    assert lrs == {"experts": 1e-3, "router": 1e-3, "head": 4e-3, "head_no_decay": 4e-3}
+
+
 def test_router_weight_decay_is_honoured(make_model, tmp_path):
     model = make_model()
     args = cpu_args(tmp_path, GoatTrainingArguments, weight_decay=0.1, router_weight_decay=0.05)
