@@ -218,14 +218,15 @@ class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
         """Trainable parameters only: experts, routers (own lr and decay), task head (own lr) with and without decay."""
         decay = set(self.get_decay_parameter_names(model))
         args = self.args
+        head_lr = getattr(args, "head_learning_rate", None) or args.learning_rate
         settings = {
             "experts": (args.learning_rate, args.weight_decay),
             "router": (
                 getattr(args, "router_learning_rate", None) or args.learning_rate,
                 getattr(args, "router_weight_decay", 0.0),
             ),
-            "head": (getattr(args, "head_learning_rate", None) or args.learning_rate, args.weight_decay),
-            "head_no_decay": (getattr(args, "head_learning_rate", None) or args.learning_rate, 0.0),
+            "head": (head_lr, args.weight_decay),
+            "head_no_decay": (head_lr, 0.0),
         }
         params: dict[str, list[nn.Parameter]] = {name: [] for name in settings}
         for name, param in model.named_parameters():

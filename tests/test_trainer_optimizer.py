@@ -35,19 +35,18 @@ def groups_by_name(trainer, model) -> dict[str, tuple[set[str], float, float]]:
     }
 
 
+def classifier_trainer(model, tmp_path, **arguments) -> GoatTrainer:
+    """GoatTrainer on a BERT classifier: lr 1e-3, decay 0.01, r = 8 over 4 experts, plus `arguments`."""
+    settings = dict(learning_rate=1e-3, weight_decay=0.01, goat_r=8, goat_num_experts=4)
+    args = cpu_args(tmp_path, GoatTrainingArguments, **settings, **arguments)
+    return GoatTrainer(model=model, args=args, train_dataset=classification_dataset())
+
+
 def test_optimizer_groups_by_name_with_router_lr_and_no_decay_for_router_biases_and_norms(make_model, tmp_path, caplog):
     model = make_model("bert-cls")
-    args = cpu_args(
-        tmp_path,
-        GoatTrainingArguments,
-        learning_rate=1e-3,
-        weight_decay=0.01,
-        router_learning_rate=5e-3,
-        goat_r=8,
-        goat_num_experts=4,
-        goat_modules_to_save=["classifier", "embeddings.LayerNorm"],
+    trainer = classifier_trainer(
+        model, tmp_path, router_learning_rate=5e-3, goat_modules_to_save=["classifier", "embeddings.LayerNorm"]
     )
-    trainer = GoatTrainer(model=model, args=args, train_dataset=classification_dataset())
     caplog.set_level(logging.INFO, logger="goat_hf.trainer")
 
     groups = groups_by_name(trainer, model)
@@ -81,17 +80,7 @@ def test_router_defaults_to_the_learning_rate_and_no_decay(make_model, tmp_path,
 
 def test_head_learning_rate_sets_the_fully_trained_modules_only(make_model, tmp_path):
     model = make_model("bert-cls")
-    args = cpu_args(
-        tmp_path,
-        GoatTrainingArguments,
-        learning_rate=1e-3,
-        weight_decay=0.01,
-        head_learning_rate=4e-3,
-        goat_r=8,
-        goat_num_experts=4,
-        goat_modules_to_save=["classifier"],
-    )
-    trainer = GoatTrainer(model=model, args=args, train_dataset=classification_dataset())
+    trainer = classifier_trainer(model, tmp_path, head_learning_rate=4e-3, goat_modules_to_save=["classifier"])
     lrs = {name: lr for name, (_, lr, _) in groups_by_name(trainer, model).items()}
     assert lrs == {"experts": 1e-3, "router": 1e-3, "head": 4e-3, "head_no_decay": 4e-3}
 
