@@ -45,3 +45,6 @@ def test_quick_comparison_picks_lrs_on_validation_and_reports_test(tmp_path, com
     assert compare.main(["--task", "tweets", "--quick", "--methods", "lora", "--seeds", "0", "1", "--out",
                          str(tmp_path)])[0]["lr"] == by_method["lora"]["lr"]  # fmt: skip
     assert len(json.loads((tmp_path / "compare_tweets_quick.json").read_text())["runs"]) == len(runs)
+    # and its summary still covers every method in the file, not only the one it was asked for
+    summary = json.loads((tmp_path / "compare_tweets_quick_summary.json").read_text())
+    assert {row["method"] for row in summary} == {"lora", "goat", "goat_at_full_lr", "full"}
