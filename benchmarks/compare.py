@@ -321,26 +321,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             flush=True,
         )
         append_run(results_path, task.name, run)
+    # the summary covers every method in the file and the figure the headline methods plus the requested ones, so
+    # that running one more method does not erase the others from them
     runs = read_runs(results_path)
-    rows = summarise(task, methods, args.seeds, sweep_seeds, runs)
-    print(markdown_table(task, rows))
-    write_report(task, methods, args.seeds, sweep_seeds, runs, out / stem)
-    return rows
-
-
-def write_report(
-    task: Task, methods: list[Method], seeds: list[int], sweep_seeds: list[int], runs: list[dict], stem: Path
-) -> None:
-    """`<stem>_summary.json` for every method with runs in the file and `<stem>.png` for the headline methods
-    (DEFAULT_METHODS) and the requested ones: running one more method must not erase the others from the files."""
     ran = {run["method"] for run in runs}
-    in_file = [method for method in METHODS.values() if (method.runs_as or method.name) in ran]
-    rows = summarise(task, in_file, seeds, sweep_seeds, runs)
-    stem.with_name(f"{stem.name}_summary.json").write_text(json.dumps(rows, indent=1))
-    shown = set(DEFAULT_METHODS) | {method.name for method in methods}
-    figure_rows = [row for row in rows if row["method"] in shown]
-    if figure_rows and all(math.isfinite(row[f"test_{task.metric}"][0]) for row in figure_rows):
-        plot(task, figure_rows, runs, stem.with_suffix(".png"))
+    rows = summarise(task, [m for m in METHODS.values() if (m.runs_as or m.name) in ran], args.seeds, sweep_seeds, runs)
+    (out / f"{stem}_summary.json").write_text(json.dumps(rows, indent=1))
+    requested = {method.name for method in methods}
+    shown = [row for row in rows if row["method"] in requested | set(DEFAULT_METHODS)]
+    if shown and all(math.isfinite(row[f"test_{task.metric}"][0]) for row in shown):
+        plot(task, shown, runs, out / f"{stem}.png")
+    rows = [row for row in rows if row["method"] in requested]
+    print(markdown_table(task, rows))
+    return rows
 
 
 if __name__ == "__main__":
