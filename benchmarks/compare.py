@@ -64,8 +64,9 @@ def append_run(path: Path, task: str, run: dict) -> list[dict]:
     return runs
 
 
-def run_one(task: Task, method: Method, lr: float, seed: int, threads: int) -> dict[str, Any]:
-    """Train one (method, lr, seed) and score it on the validation and test splits."""
+def run_one(task: Task, method: Method, lr: float, seed: int, threads: int, device: str = "cpu") -> dict[str, Any]:
+    """Train one (method, lr, seed) and score it on the validation and test splits (on CUDA in bf16 autocast, as
+    GPU users train; on the CPU in fp32)."""
     torch.set_num_threads(threads)
     set_seed(seed)
     model, tokenizer = task.build()
@@ -86,7 +87,8 @@ def run_one(task: Task, method: Method, lr: float, seed: int, threads: int) -> d
             seed=seed,
             data_seed=seed,
             remove_unused_columns=False,
-            use_cpu=True,
+            use_cpu=device == "cpu",
+            bf16=device == "cuda" and torch.cuda.is_bf16_supported(),
             disable_tqdm=True,
             dataloader_num_workers=0,
             **({"router_learning_rate": method.router_lr} if method.router_lr else {}),
@@ -111,6 +113,7 @@ def run_one(task: Task, method: Method, lr: float, seed: int, threads: int) -> d
         "trainable": trainable_parameters(model),
         "steps": trainer.state.global_step,
         "seconds": round(seconds, 1),
+        "device": device,
         "losses": losses,
         "task_losses": task_losses,
         "validation": task.score(model, task.splits.validation, collator),
@@ -289,6 +292,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--lrs", nargs="+", type=float, default=None, help="Override every method's lr grid.")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: CUDA when there is one. CUDA runs (bf16) go to their own results file, compare_<task>_cuda.json.",
+    )
     parser.add_argument("--out", type=Path, default=None, help="Folder of the results (benchmarks/results)")
     parser.add_argument("--quick", action="store_true", help="Tiny splits, one epoch, two lrs: a smoke run for CI.")
     parser.add_argument("--report", action="store_true", help="Only rebuild the table and figure from the JSON.")
@@ -304,7 +313,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     lrs = args.lrs
     out = args.out or Path(__file__).resolve().parent / "results"
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"compare_{task.name}{'_quick' if args.quick else ''}"
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    stem = f"compare_{task.name}{'_quick' if args.quick else ''}{'_cuda' if device == 'cuda' else ''}"
     results_path = out / f"{stem}.json"
     while not args.report:
         runs = read_runs(results_path)
@@ -314,7 +324,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if not plan:
             break
         method, lr, seed = plan[0]
-        run = run_one(task, method, lr, seed, args.threads)
+        run = run_one(task, method, lr, seed, args.threads, device)
         print(
             f"[{task.name}] {method.name:16s} lr={lr:<8g} seed={seed} val={run['validation']} "
             f"test={run['test']} ({run['seconds']} s)",

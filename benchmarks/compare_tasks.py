@@ -95,9 +95,10 @@ def classification_scores(
     model: torch.nn.Module, rows: list[dict[str, Any]], collator: ClassificationCollator, batch_size: int = 128
 ) -> dict[str, float]:
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for start in range(0, len(rows), batch_size):
-        batch = collator(rows[start : start + batch_size])
+        batch = {key: value.to(device) for key, value in collator(rows[start : start + batch_size]).items()}
         labels = batch.pop("labels")
         correct += (model(**batch).logits.argmax(-1) == labels).sum().item()
     return {"accuracy": correct / len(rows)}
@@ -109,11 +110,12 @@ def completion_scores(
 ) -> dict[str, float]:
     """Mean completion loss per token, and accuracy of the label ranked first at the completion's first position."""
     model.eval()
-    label_ids = torch.tensor(collator.label_ids)
+    device = next(model.parameters()).device
+    label_ids = torch.tensor(collator.label_ids, device=device)
     loss_sum, tokens, correct = 0.0, 0, 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        batch = collator(chunk)
+        batch = {key: value.to(device) for key, value in collator(chunk).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
         targets = batch["labels"][:, 1:]
         real = targets != -100
@@ -121,8 +123,8 @@ def completion_scores(
         loss_sum += losses[real].sum().item()
         tokens += real.sum().item()
         first = real.int().argmax(1)  # first completion position of each row (predicts the label token)
-        label_logits = logits[torch.arange(len(chunk)), first][:, label_ids]
-        truth = torch.tensor([row["label"] for row in chunk])
+        label_logits = logits[torch.arange(len(chunk), device=device), first][:, label_ids]
+        truth = torch.tensor([row["label"] for row in chunk], device=device)
         correct += (label_logits.argmax(-1) == truth).sum().item()
     return {"accuracy": correct / len(rows), "completion_loss": loss_sum / tokens}
 
