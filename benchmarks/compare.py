@@ -113,7 +113,6 @@ def run_one(task: Task, method: Method, lr: float, seed: int, threads: int, devi
         "trainable": trainable_parameters(model),
         "steps": trainer.state.global_step,
         "seconds": round(seconds, 1),
-        "device": device,
         "losses": losses,
         "task_losses": task_losses,
         "validation": task.score(model, task.splits.validation, collator),

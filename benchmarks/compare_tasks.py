@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from goat_hf.tasks.assets import minilm_path, smollm2_path
@@ -98,7 +99,7 @@ def classification_scores(
     device = next(model.parameters()).device
     correct = 0
     for start in range(0, len(rows), batch_size):
-        batch = {key: value.to(device) for key, value in collator(rows[start : start + batch_size]).items()}
+        batch = send_to_device(collator(rows[start : start + batch_size]), device)
         labels = batch.pop("labels")
         correct += (model(**batch).logits.argmax(-1) == labels).sum().item()
     return {"accuracy": correct / len(rows)}
@@ -115,7 +116,7 @@ def completion_scores(
     loss_sum, tokens, correct = 0.0, 0, 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        batch = {key: value.to(device) for key, value in collator(chunk).items()}
+        batch = send_to_device(collator(chunk), device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
         targets = batch["labels"][:, 1:]
         real = targets != -100
