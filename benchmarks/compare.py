@@ -13,6 +13,7 @@ comparison resumes where it stopped; `--report` rebuilds the table and the figur
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import json
 import math
@@ -272,7 +273,7 @@ def plot(task: Task, rows: list[dict[str, Any]], runs: list[dict], path: Path) -
     curves.set_xlabel("step")
     curves.set_ylabel("training loss" + (" (task)" if task_only else " (routed methods: + balance term)"))
     curves.legend(fontsize=7)
-    fig.suptitle(f"{task.name}: equal total rank, equal steps, lr chosen on validation")
+    fig.suptitle(f"{task.name}, {task.epochs:g} epochs: equal total rank, equal steps, lr chosen on validation")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -290,6 +291,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="Choose the lr on the first N seeds only, then run the rest at the chosen lr.",
     )
     parser.add_argument("--lrs", nargs="+", type=float, default=None, help="Override every method's lr grid.")
+    parser.add_argument(
+        "--epochs",
+        type=float,
+        default=None,
+        help="Train this many epochs instead of the task's own (longer training); the runs go to their own results "
+        "file, compare_<task>_<epochs>ep.json.",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--device",
@@ -307,13 +315,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     hf_logging.set_verbosity_error()
     task = make_task(args.task, quick=args.quick)
+    longer = args.epochs is not None and args.epochs != task.epochs
+    if longer:
+        task = dataclasses.replace(task, epochs=args.epochs)
     methods = [METHODS[name] for name in args.methods]
     sweep_seeds = args.seeds[: args.sweep_seeds or len(args.seeds)]
     lrs = args.lrs
     out = args.out or Path(__file__).resolve().parent / "results"
     out.mkdir(parents=True, exist_ok=True)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    stem = f"compare_{task.name}{'_quick' if args.quick else ''}{'_cuda' if device == 'cuda' else ''}"
+    stem = f"compare_{task.name}{f'_{task.epochs:g}ep' if longer else ''}{'_quick' if args.quick else ''}"
+    stem += "_cuda" if device == "cuda" else ""
     results_path = out / f"{stem}.json"
     while not args.report:
         runs = read_runs(results_path)

@@ -48,3 +48,14 @@ def test_quick_comparison_picks_lrs_on_validation_and_reports_test(tmp_path, com
     # and its summary still covers every method in the file, not only the one it was asked for
     summary = json.loads((tmp_path / "compare_tweets_quick_summary.json").read_text())
     assert {row["method"] for row in summary} == {"lora", "goat", "goat_at_full_lr", "full"}
+
+
+@pytest.mark.slow
+def test_longer_training_runs_more_steps_into_its_own_results_file(tmp_path, compare):
+    compare.main(["--task", "tweets", "--quick", "--epochs", "3", "--methods", "lora", "--seeds", "0", "--lrs", "1e-3",
+                  "--out", str(tmp_path)])  # fmt: skip
+    assert not (tmp_path / "compare_tweets_quick.json").exists()  # never mixed into the task's own epochs
+    (run,) = json.loads((tmp_path / "compare_tweets_3ep_quick.json").read_text())["runs"]
+    task = compare.make_task("tweets", quick=True)
+    steps_per_epoch = -(-len(task.splits.train) // task.batch_size)
+    assert task.epochs == 1 and run["steps"] == 3 * steps_per_epoch
