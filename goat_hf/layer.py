@@ -10,8 +10,19 @@ from torch import nn
 
 from .base_weights import dense_weight
 from .config import GoatConfig
+from .decode import adapter_delta, fused_base_forward, stacked_forward, stacked_inference_weights
 from .fused import FusedGoatFunction, fused_forward, routing_gates, small_softmax, stacked_weights
 from .init import scaled_expert_factors
+
+
+@dataclass
+class PreparedWeights:
+    """What prepare_for_inference leaves on a layer whose W0 now holds W_res (see goat_hf/prepare.py)."""
+
+    projection: torch.Tensor  # [E + r, n] fp32 [W_r; A]
+    up_t: torch.Tensor  # [r, m] fp32 (s·B)ᵀ
+    stacked: torch.Tensor | None  # [m + E + r, n] [W_res; W_r; A] for a fp32 base (W0's storage is its first m rows)
+    stacked_bias: torch.Tensor | None  # [m + E + r] [b; 0], or None without bias
 
 
 @dataclass
@@ -57,7 +68,8 @@ class GoatLinear(nn.Module):
         self.token_mask: torch.Tensor | None = None  # over x.shape[:-1] (matched by shape); 0 marks padding
         self.routing: RoutingRecord | None = None  # training with grad only, unless record_routing
         self.record_routing = False  # True: record in evaluation and under no_grad too (goat_hf.record_routing)
-        self._stacked_cache: tuple | None = None  # (key, projection, up) between no-grad forwards
+        self._inference_cache: tuple | None = None  # (key, projection, up_t) between no-grad forwards
+        self.prepared: PreparedWeights | None = None  # set by goat_hf.prepare_for_inference
 
     @classmethod
     def from_linear(
@@ -95,6 +107,9 @@ class GoatLinear(nn.Module):
         if not self.adapter_enabled:
             return self.base_layer(x)  # [..., m]  W0 x, exactly
         with_dropout = self.training and isinstance(self.dropout, nn.Dropout)
+        if self.prepared is not None or not (torch.is_grad_enabled() or self.record_routing or with_dropout):
+            self.routing = None
+            return self._inference_forward(x)
         result = None if not with_dropout and self._base_fuses(x) else self.base_layer(x)  # None: W0 x fused
         with torch.autocast(x.device.type, enabled=False):  # experts and router run in fp32 under bf16 autocast too
             tokens_shape = x.shape[:-1]  # the mask must match it, not just its element count
@@ -115,13 +130,13 @@ class GoatLinear(nn.Module):
             weight = bias = None
             base = result.reshape(-1, self.out_features) if result.dtype == torch.float32 else None
         weights = (self.router.weight, self.expert_A, self.expert_B, self.residual_A, self.residual_B)
-        correction = -self.init_cof * self.scaling
+        correction = self.correction
         if torch.is_grad_enabled():
-            self._stacked_cache = None  # training: the weights change every step
+            self._inference_cache = None  # training: the weights change every step
             return FusedGoatFunction.apply(
                 x, weight, bias, base, *weights, self.scaling, correction, self.top_k, self._records_routing()
             )
-        projection, up = self._stacked_for_inference(weights, correction)
+        projection, up = stacked_weights(*weights, correction)  # record_routing without grad: analysis, not decoding
         out, probs, top_experts, _, _ = fused_forward(
             x,
             weight,
@@ -137,14 +152,55 @@ class GoatLinear(nn.Module):
         )
         return out, probs, top_experts
 
-    def _stacked_for_inference(self, weights: tuple, correction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """No autograd, no routing record, no dropout: the fewest operations (goat_hf/decode.py), in fp32 whatever
+        the base dtype. A prepared layer (prepare_for_inference) always comes here and refuses training."""
+        if self.prepared is not None:
+            return self._prepared_forward(x)
+        E, r, m = self.num_experts, self.expert_A.shape[0], self.out_features
+        tokens = x.reshape(-1, self.in_features)  # [T, n]
+        projection, up_t = self._inference_weights()
+        if self._base_fuses(x):
+            base = self.base_layer
+            out = fused_base_forward(tokens, base.weight, base.bias, projection, up_t, E, r, self.top_k)
+            return out.view(*x.shape[:-1], m)
+        result = self.base_layer(x)
+        with torch.autocast(x.device.type, enabled=False):
+            delta = adapter_delta(tokens.to(torch.float32), projection, up_t, E, r, self.top_k)
+        return result + delta.view(result.shape).to(result.dtype)
+
+    def _prepared_forward(self, x: torch.Tensor) -> torch.Tensor:
+        prepared = self.prepared
+        if self.training and torch.is_grad_enabled() or self.record_routing:
+            raise RuntimeError(
+                "This model was prepared for serving: prepare_for_inference folded the frozen residual into W0, so it "
+                "can neither train nor record routing. Load the adapter onto a fresh base (load_goat_model) for that."
+            )
+        E, r, m = self.num_experts, self.expert_A.shape[0], self.out_features
+        tokens = x.reshape(-1, self.in_features)  # [T, n]
+        if prepared.stacked is not None and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+            out = stacked_forward(tokens, prepared.stacked, prepared.stacked_bias, prepared.up_t, m, E, self.top_k)
+            return out.view(*x.shape[:-1], m)
+        result = self.base_layer(x)  # W_res x + b
+        with torch.autocast(x.device.type, enabled=False):
+            delta = adapter_delta(tokens.to(torch.float32), prepared.projection, prepared.up_t, E, r, self.top_k)
+        return result + delta.view(result.shape).to(result.dtype)
+
+    def _inference_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The stacked weights, kept between no-grad forwards (evaluation, generate) while no weight changed: the
         key holds each tensor's storage and version counter, which any in-place update (an optimizer step,
         load_state_dict, `param.data = ...`) changes."""
-        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in weights) + (correction,)
-        if self._stacked_cache is None or self._stacked_cache[0] != key:
-            self._stacked_cache = (key, *stacked_weights(*weights, correction))
-        return self._stacked_cache[1], self._stacked_cache[2]
+        weights = (self.router.weight, self.expert_A, self.expert_B, self.residual_A, self.residual_B)
+        key = tuple((t.data_ptr(), t._version) for t in weights if t is not None) + (self.scaling, self.init_cof)
+        cache = self._inference_cache
+        if cache is None or cache[0] != key:
+            cache = self._inference_cache = (key, *stacked_inference_weights(*weights, self.scaling, self.correction))
+        return cache[1], cache[2]
+
+    @property
+    def correction(self) -> float:
+        """-c·s: the frozen residual's factor, W_res = W0 + correction·B0 A0."""
+        return -self.init_cof * self.scaling
 
     def _base_fuses(self, x: torch.Tensor) -> bool:
         """Whether W0 x + b can run inside the fused Function: a plain fp32 nn.Linear, frozen, without hooks (an
