@@ -16,6 +16,7 @@ from .model import (
     unload_goat,
 )
 from .model_card import write_model_card, write_model_card_for_folder
+from .prepare import prepare_for_inference
 from .version import __version__
 
 # The trainers import transformers.Trainer (and TRL), which takes seconds: import them on first use.
@@ -54,6 +55,7 @@ __all__ = [
     "goat_layers",
     "load_goat_adapter",
     "load_goat_model",
+    "prepare_for_inference",
     "print_trainable_parameters",
     "push_goat_adapter",
     "record_routing",

@@ -40,7 +40,7 @@ from .config import GoatConfig
 from .distributed import copy_full_, full_shape, full_tensor, live_tensors
 from .fingerprint import differing_tensors, fingerprint_record
 from .layer import GoatLinear
-from .model import attach_goat_layers, goat_layers, require_goat_state, require_no_goat
+from .model import attach_goat_layers, goat_layers, require_goat_state, require_no_goat, require_unprepared
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ def save_goat_adapter(model: nn.Module, save_directory: str | os.PathLike, *, is
     """
     tensors = {key: full_tensor(value).contiguous().clone() for key, value in adapter_state_dict(model).items()}
     _check_tensors(tensors, "This adapter", "Nothing was saved; the training diverged (see on_nonfinite).")
-    base = fingerprint_record(base_tensors(model))  # gathers a sharded base: on every rank
+    # of W0 (gathers a sharded base: on every rank); a prepared model's W0 holds W_res: its record from before
+    base = require_goat_state(model).prepared_base or fingerprint_record(base_tensors(model))
     folder = Path(save_directory)
     if not is_main_process:
         return folder
@@ -156,6 +157,7 @@ def load_goat_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
 def restore_goat_weights(model: nn.Module, adapter_folder: str | os.PathLike) -> None:
     """Copy a saved adapter into the GOAT layers `model` already has (resuming, loading the best checkpoint)."""
     folder = Path(adapter_folder)
+    require_unprepared(model, "Loading adapter weights into this model")
     meta = read_adapter_config(folder)
     saved = GoatConfig.from_dict(meta["config"])
     if saved != require_goat_state(model).config:

@@ -176,6 +176,11 @@ class GoatLinear(nn.Module):
                 "This model was prepared for serving: prepare_for_inference folded the frozen residual into W0, so it "
                 "can neither train nor record routing. Load the adapter onto a fresh base (load_goat_model) for that."
             )
+        if prepared.up_t.device != x.device:
+            raise RuntimeError(
+                f"This layer was prepared for serving on {prepared.up_t.device} and got input on {x.device}; call "
+                "prepare_for_inference after moving the model, on a model loaded anew."
+            )
         E, r, m = self.num_experts, self.expert_A.shape[0], self.out_features
         tokens = x.reshape(-1, self.in_features)  # [T, n]
         if prepared.stacked is not None and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):

@@ -33,6 +33,7 @@ class GoatState:
     mask_hook: torch.utils.hooks.RemovableHandle
     base_heads: dict[str, dict[str, torch.Tensor]]  # the base's own modules_to_save tensors, for disable_goat
     base_settings: dict[str, bool | None] = field(default_factory=dict)  # what hold_standard_layout changed
+    prepared_base: dict | None = None  # prepare_for_inference: the base fingerprint taken before W0 held W_res
 
 
 def get_goat_model(model: nn.Module, config: GoatConfig | None = None) -> nn.Module:
@@ -157,6 +158,16 @@ def require_goat_state(model: nn.Module) -> GoatState:
     return state
 
 
+def require_unprepared(model: nn.Module, action: str) -> None:
+    state = getattr(model, "goat_state", None)
+    if state is not None and state.prepared_base is not None:
+        raise RuntimeError(
+            f"{action} needs the base weights W0, and this model was prepared for serving: prepare_for_inference "
+            "folded the frozen residual into them (they hold W_res = W0 - c·s·B0 A0). Load the adapter onto a fresh "
+            "base (load_goat_model) for that."
+        )
+
+
 def resolve_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
     """Full module names trained in full; None detects the task head as PEFT does for classification."""
     modules = dict(model.named_modules())
@@ -237,6 +248,7 @@ def keep_goat_in_fp32(model: nn.Module) -> None:
 def disable_goat(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model inside this block, as PEFT's `disable_adapter()`: every GOAT layer returns W0 x
     exactly and every `modules_to_save` (the trained task head) holds the base's own weights again."""
+    require_unprepared(model, "disable_goat")
     layers = goat_layers(model).values()
     previous = [layer.adapter_enabled for layer in layers]
     for layer in layers:
@@ -287,6 +299,7 @@ def unload_goat(model: nn.Module) -> nn.Module:
     Trained `modules_to_save` (the task head) stay as trained, as in PEFT's `unload()`.
     """
     state = require_goat_state(model)
+    require_unprepared(model, "unload_goat")
     for name, layer in goat_layers(model).items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer.base_layer)

@@ -1,0 +1,195 @@
+"""Decoding speed: GOAT vs PEFT LoRA (unmerged) vs the merged base, SmolLM2-135M-Instruct, greedy `generate`.
+
+Why: issue 24. A GOAT adapter can never be merged away (its routing is per token), so what one generated token costs
+is paid on every token a trained adapter ever serves. "merged" is the base alone: a merged LoRA costs exactly that.
+"goat" is the default inference path (eval, no_grad: goat_hf/decode.py), "goat prepared" the same adapter after
+`goat_hf.prepare_for_inference` (residual folded into W0, [W_res; W_r; A] in one buffer). GOAT: E = 8, top-2, r = 8 on
+every Linear but the head; LoRA: PEFT r = 8 on exactly the same modules. KV cache, greedy, `min_new_tokens` =
+`max_new_tokens` so every variant decodes the same count. The time per token is taken between the first and the last
+call of a logits processor (decode steps only, the prefill left out). Variants alternate within each round; each
+figure is a median over rounds and each ratio the median of per-round ratios.
+
+    python benchmarks/bench_decode.py --out benchmarks/results/bench_decode_cpu.json            # eager, 1 thread
+    python benchmarks/bench_decode.py --compile --out benchmarks/results/bench_decode_cpu_compiled.json
+    python benchmarks/bench_decode.py --device cuda --dtype bf16 --base random --out ...          # device_check.sh
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from bench_model import DTYPES, load_base, lora_model, paired_ratio
+from torch import nn
+from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
+
+from goat_hf import GoatConfig, get_goat_model, goat_layers, prepare_for_inference
+
+VARIANTS = ("merged", "lora", "goat", "goat prepared")
+GOALS = {  # (numerator, denominator, batch, eager bound, compiled bound): issue 24
+    "GOAT / LoRA unmerged": ("goat", "lora", None, 1.0, None),
+    "GOAT / merged, batch 1": ("goat", "merged", 1, 1.20, 1.10),
+    "GOAT / merged, batch 8": ("goat", "merged", 8, 1.10, None),
+}
+
+
+class StepClock(LogitsProcessor):
+    """Called once per generated token: its call times give the decode steps' durations."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def build_variants(args: argparse.Namespace) -> dict[str, nn.Module]:
+    models = {}
+    for name in args.variants:
+        model = load_base(args).eval()
+        if name.startswith("goat"):
+            get_goat_model(model, GoatConfig(r=8, num_experts=8, top_k=2, target_modules="all-linear", seed=1))
+            targets = list(goat_layers(model))
+            if name == "goat prepared":
+                prepare_for_inference(model)
+        elif name == "lora":
+            reference = get_goat_model(load_base(args), GoatConfig(r=8, num_experts=8, target_modules="all-linear"))
+            model = lora_model(model, list(goat_layers(reference)), r=8).eval()
+            del reference
+        model.requires_grad_(False)
+        if args.compile:
+            model.generation_config.cache_implementation = "static"
+            model.generation_config.compile_config = CompileConfig(fullgraph=True, _compile_all_devices=True)
+        models[name] = model
+    del targets
+    return models
+
+
+def decode(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+    """Seconds per decoded token (prefill excluded) and the generated ids."""
+    clock = StepClock(prompts.device)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=prompts,
+            attention_mask=torch.ones_like(prompts),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            logits_processor=LogitsProcessorList([clock]),
+            pad_token_id=0,
+        )
+    return (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1), out[:, prompts.shape[1] :]
+
+
+def time_batch(args: argparse.Namespace, models: dict[str, nn.Module], batch: int) -> dict:
+    generator = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(100, 40000, (batch, args.prompt_tokens), generator=generator).to(args.device)
+    for model in models.values():  # warm-up (and, with --compile, compilation)
+        decode(model, prompts, args.new_tokens)
+    seconds = {name: [] for name in models}
+    tokens = {}
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            per_token, tokens[name] = decode(model, prompts, args.new_tokens)
+            seconds[name].append(per_token)
+    same = {f"{name} = goat": torch.equal(tokens[name], tokens["goat"]) for name in tokens if name.startswith("goat ")}
+    return {
+        "ms_per_token": {name: 1e3 * statistics.median(s) for name, s in seconds.items()},
+        "seconds_per_token": seconds,
+        "same_greedy_tokens": same,
+    }
+
+
+def ratio(result: dict, num: str, den: str) -> float | None:
+    times = result["seconds_per_token"]
+    return paired_ratio(times, num, den) if num in times and den in times else None
+
+
+def report(args: argparse.Namespace, results: dict[int, dict]) -> str:
+    names = list(results[args.batch_sizes[0]]["ms_per_token"])
+    mode = "torch.compile + static cache" if args.compile else "eager"
+    lines = [
+        f"SmolLM2-135M-Instruct ({args.base} weights), {args.dtype}, {args.device} ({torch.get_num_threads()} "
+        f"thread(s)), {mode}; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, KV cache; "
+        f"median of {args.repeats} alternating rounds (ratios: median of per-round ratios)",
+        "",
+        "| batch | " + " | ".join(f"{n} (ms/token)" for n in names) + " | GOAT / merged | GOAT / LoRA unmerged "
+        "| prepared / merged |",
+        "|---|" + "---:|" * (len(names) + 3),
+    ]
+    for batch, result in results.items():
+        ms = result["ms_per_token"]
+        cells = [f"{ms[n]:.1f}" for n in names]
+        ratios = [
+            ratio(result, "goat", "merged"),
+            ratio(result, "goat", "lora"),
+            ratio(result, "goat prepared", "merged"),
+        ]
+        cells += ["n/a" if value is None else f"{value:.3f}" for value in ratios]
+        lines.append(f"| {batch} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for goal, (num, den, batch, eager, compiled) in GOALS.items():
+        bound = compiled if args.compile else eager
+        for b in [batch] if batch is not None else args.batch_sizes:
+            if bound is None or b not in results:
+                continue
+            for variant in (num, f"{num} prepared"):
+                value = ratio(results[b], variant, den)
+                if value is not None:
+                    verdict = "met" if value <= bound else "**not met**"
+                    lines.append(
+                        f"- {goal.replace('GOAT', variant)} at batch {b}: {value:.3f} (goal <= {bound}): {verdict}"
+                    )
+    for batch, result in results.items():
+        for check, same in result["same_greedy_tokens"].items():
+            lines.append(f"- batch {batch}: greedy tokens {check}: {same}")
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--base", choices=("smollm2", "random"), default="smollm2")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--compile", action="store_true", help="static KV cache and torch.compile of the decode step")
+    parser.add_argument("--out", type=Path)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    models = build_variants(args)
+    results = {batch: time_batch(args, models, batch) for batch in args.batch_sizes}
+    if args.compile:
+        graph_breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+    text = report(args, results)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "settings": {key: value for key, value in vars(args).items() if key != "out"},
+            "machine": {"torch": torch.__version__, "processor": platform.processor(), "threads": args.threads},
+            "results": {str(batch): result for batch, result in results.items()},
+            "graph_breaks": graph_breaks if args.compile else None,
+            "table": text,
+        }
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""prepare_for_inference: fold the frozen residual into W0 for serving, where W0 itself is never needed again.
+
+The default inference path (goat_hf/decode.py) keeps W0 untouched, so the adapter can still be switched off, unloaded
+or trained. A served model needs none of that: W0 can hold W_res = W0 - c·s·B0 A0 (the residual's 2r columns leave
+every token's arithmetic) and, for a fp32 base, share one buffer with the router and the experts' A so that a layer
+is one matmul in and one addmm out. What needs W0 (disable_goat, unload_goat, saving the base weights, training)
+refuses from then on, with a message that says why. The adapter still saves exactly: its tensors are untouched, and
+the base fingerprint it records is the one taken before the fold.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapter_io import base_tensors
+from .fingerprint import fingerprint_record
+from .layer import GoatLinear, PreparedWeights
+from .model import goat_layers, require_goat_state
+
+
+def prepare_for_inference(model: nn.Module) -> nn.Module:
+    """Fold each GOAT layer's frozen residual into its base weight, in place, and put the model in eval mode.
+
+    Call it last, on the device and dtype the model will serve from (moving a prepared model is refused). The
+    greedy outputs stay those of the unprepared model (fp32 rounding apart); see the module docstring for what a
+    prepared model refuses. Calling it again does nothing.
+    """
+    state = require_goat_state(model)
+    if state.prepared_base is not None:
+        return model
+    layers = goat_layers(model)
+    for name, layer in layers.items():
+        _check_plain_base(name, layer.base_layer)
+    state.prepared_base = fingerprint_record(base_tensors(model))  # of W0: what the adapter was trained on
+    model.eval()
+    for layer in layers.values():
+        layer.prepared = _fold(layer)
+        layer.base_layer.register_state_dict_pre_hook(_refuse_base_weights)
+        layer.requires_grad_(False)
+    return model
+
+
+def is_prepared(model: nn.Module) -> bool:
+    state = getattr(model, "goat_state", None)
+    return state is not None and state.prepared_base is not None
+
+
+@torch.no_grad()
+def _fold(layer: GoatLinear) -> PreparedWeights:
+    base, s, m = layer.base_layer, layer.scaling, layer.out_features
+    W_res = base.weight.float()
+    if layer.residual_A is not None:
+        W_res = W_res.addmm(layer.residual_B, layer.residual_A, alpha=layer.correction)  # W0 - c·s·B0 A0
+    projection = torch.cat([layer.router.weight, layer.expert_A]).float()  # [E + r, n]
+    up_t = (layer.expert_B.float() * s).T.contiguous()  # [r, m]
+    if base.weight.dtype != torch.float32:  # a half base: W_res rounded to its dtype, the adapter kept in fp32
+        base.weight.copy_(W_res.to(base.weight.dtype))
+        return PreparedWeights(projection, up_t, stacked=None, stacked_bias=None)
+    stacked = torch.cat([W_res, projection])  # [m + E + r, n]
+    base.weight.data = stacked[:m]  # W0's storage is released: no second copy of the base
+    bias = None if base.bias is None else torch.cat([base.bias, base.bias.new_zeros(projection.shape[0])])
+    return PreparedWeights(projection, up_t, stacked=stacked, stacked_bias=bias)
+
+
+def _check_plain_base(name: str, base: nn.Module) -> None:
+    if type(base) is not nn.Linear or not base.weight.dtype.is_floating_point:
+        raise ValueError(
+            f"prepare_for_inference folds the residual into plain nn.Linear weights; {name} is a "
+            f"{type(base).__name__} ({base.weight.dtype}). Serve this model without preparing it: the default "
+            "inference path (eval mode or torch.no_grad) needs no preparation."
+        )
+    if base.weight.is_meta or base.weight.device.type == "meta":
+        raise ValueError(f"{name}'s weight is on the meta device (offloaded); load the model fully first.")
+
+
+def _refuse_base_weights(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    raise RuntimeError(
+        f"{prefix.rstrip('.') or 'This layer'} was prepared for serving: its weight holds W_res = W0 - c·s·B0 A0, not "
+        "the base's W0, so the base weights cannot be saved from this model. Save the adapter with "
+        "save_goat_adapter (it is unchanged), and the base from the model it was loaded from."
+    )
