@@ -16,8 +16,9 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib  # Python 3.11+: CI's python3
 
 CORE = "dependencies"  # the name a folder uses for [project] dependencies
 SELF_REFERENCE = re.compile(r"^goat_hf\[(?P<groups>[^\]]+)\]$")
@@ -40,7 +41,8 @@ def closure(groups: list[str], packages: dict[str, list[str]]) -> set[str]:
     while todo:
         group = todo.pop()
         if group not in packages:
-            raise SystemExit(f"[tool.goat_hf.deptry-folders] names group {group!r}; pyproject.toml has {sorted(packages)}")
+            known = ", ".join(sorted(packages))
+            raise SystemExit(f"[tool.goat_hf.deptry-folders] names the group {group!r}; pyproject.toml has: {known}")
         if group in seen:
             continue
         seen.add(group)
