@@ -33,13 +33,13 @@ model-cards: install
 		cp outputs/model-cards/$$example/README.md outputs/model-cards/$$example/routing_heatmap.png model_cards/$$example/; \
 	done
 
-# The DeepSpeed runs (2 x ~1 min of 2 processes) are left out to keep this under ~4 min on 2 cores; CI's dev
-# install has no deepspeed, where they would skip anyway.
+# The DeepSpeed runs (2 x ~1 min of 2 processes) are left out to keep this under ~4 min on 2 cores; CI runs them
+# with `make test-deepspeed`.
 test: install
 	$(PYTHON) -m pytest -q -ra --durations=15 -m "not deepspeed"
 
 test-deepspeed: install
-	$(PYTHON) -m pip install -q "deepspeed>=0.16"
+	$(PYTHON) -m pip install -q -e ".[dev,deepspeed]"
 	$(PYTHON) -m pytest -q -ra tests/test_deepspeed.py tests/test_distributed.py
 
 test-fast:
