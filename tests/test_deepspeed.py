@@ -38,9 +38,9 @@ def test_adapter_and_optimizer_groups_equal_single_process(zero_run, tmp_path):
     check_equals_single_process(zero_run[1], tmp_path, 0.1)
 
 
-def test_checkpoints_hold_the_adapter_and_no_frozen_weights(zero_run):
+def test_checkpoints_hold_the_adapter_and_no_frozen_weights(zero_run, tmp_path):
     out = zero_run[1]
-    check_checkpoint_adapters(out)
+    check_checkpoint_adapters(out, tmp_path)
     adapter_keys = adapter_file(out / "aux0.1" / "checkpoint-2").keys()
     states = list((out / "aux0.1" / "checkpoint-2" / "global_step2").glob("*model_states.pt"))
     assert states

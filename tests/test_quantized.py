@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama, token_batch
+from conftest import tiny_llama, token_batch, train_like_
 from safetensors.torch import load_file
 from torch import nn
 
@@ -234,10 +234,11 @@ def test_a_base_repacked_before_injection_is_trained_correctly(checkpoint, tmp_p
     # A repacked layer passes no gradient to its input: the base paths of every layer above would drop out.
     assert torch.allclose(layer0_expert_gradients(model), expected, rtol=1e-4, atol=1e-6 * expected.abs().max())
 
+    train_like_(model)  # the adapter now moves the logits well beyond any rounding
     folder = save_goat_adapter(model, tmp_path / "adapter")  # fingerprinted with bf16 scales either way
     fresh = quantized(checkpoint, "nf4-double")
     load_goat_adapter(fresh, folder)
-    assert torch.allclose(logits(fresh), logits(model), atol=1e-2)
+    assert torch.equal(logits(fresh), logits(model))  # every saved tensor, the residual included, is back
 
 
 def test_goat_keeps_4bit_bases_out_of_the_cpu_repacking_and_unload_gives_it_back(checkpoint, tmp_path):
