@@ -17,8 +17,9 @@ from .trl_setup import (
     REFERENCE_DESCRIPTIONS,
     GoatReferenceArguments,
     default_args,
-    goat_reference,
     load_policy,
+    reference_mode,
+    reference_model,
     refuse_unsupported,
 )
 
@@ -71,9 +72,9 @@ class GoatDPOTrainer(GoatTrainerMixin, DPOTrainer):
         ).items():
             check_preference_dataset(dataset, name)
         model = load_policy(model, args, quantization_config)
-        had_goat_layers = getattr(model, "goat_state", None) is not None
-        self._inject_goat(model, args, goat_config)  # before the reference snapshots the adapter
-        reference, self.reference_mode = goat_reference(model, args, ref_model, had_goat_layers)
+        self.reference_mode = reference_mode(args, ref_model, getattr(model, "goat_state", None) is not None)
+        self._inject_goat(model, args, goat_config)  # before the reference copies the adapter
+        reference = reference_model(model, self.reference_mode, ref_model)
         super().__init__(
             model,
             args,

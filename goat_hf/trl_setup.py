@@ -77,23 +77,24 @@ def refuse_unsupported(trainer_name: str, args: Any, peft_config: Any) -> None:
         )
 
 
-def goat_reference(
-    model: nn.Module, args: Any, ref_model: nn.Module | None, model_had_goat_layers: bool
-) -> tuple[nn.Module, str]:
-    """The reference TRL will call and its name ("base", "frozen_adapter" or "ref_model"), logged once."""
+def reference_mode(args: Any, ref_model: nn.Module | None, model_had_goat_layers: bool) -> str:
+    """Which reference a run uses: "base", "frozen_adapter" (from `args.goat_reference`) or "ref_model"."""
     flag = getattr(args, "goat_reference", "auto")
-    if ref_model is not None:
-        if flag != "auto":
-            raise ValueError(
-                f"goat_reference={flag!r} and a ref_model were both given; pass one of them (a ref_model is a "
-                "second model in memory, goat_reference needs none)."
-            )
-        mode = "ref_model"
-    else:
-        mode = resolve_reference_mode(flag, model_had_goat_layers)
-        ref_model = GoatReferenceModel(model, mode)
+    if ref_model is None:
+        return resolve_reference_mode(flag, model_had_goat_layers)
+    if flag != "auto":
+        raise ValueError(
+            f"goat_reference={flag!r} and a ref_model were both given; pass one of them (a ref_model is a second "
+            "model in memory, goat_reference needs none)."
+        )
+    return "ref_model"
+
+
+def reference_model(model: nn.Module, mode: str, ref_model: nn.Module | None) -> nn.Module:
+    """The reference TRL will call: the given ref_model, or the policy itself in the reference state (after the
+    GOAT layers exist, since "frozen_adapter" copies them)."""
     logger.info("Reference model: %s.", REFERENCE_DESCRIPTIONS[mode])
-    return ref_model, mode
+    return ref_model if mode == "ref_model" else GoatReferenceModel(model, mode)
 
 
 def default_args(config_class: type, model: nn.Module | str, method: str) -> Any:

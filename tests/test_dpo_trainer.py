@@ -232,3 +232,51 @@ def test_trl_dpo_script_runs_with_only_the_class_name_changed(tmp_path, monkeypa
     assert any("aux_loss" in entry for entry in state["log_history"])
     reloaded = load_goat_adapter(tiny_instruct_llama(smollm2_tokenizer(), seed=3), output)
     assert len(goat_layers(reloaded)) == 14
+
+
+# ---- bad input: each error names the problem and the fix ----
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"prompt": "Hi", "answer": " yes"}], r"train_dataset has no 'chosen' and no 'rejected' column \(its columns: "
+         r"prompt, answer\).*rename_column"),
+        ([{"prompt": "Hi", "chosen": " yes", "refused": " no"}], r"has no 'rejected' column"),
+        ([{"prompt": "Hi", "chosen": " yes", "rejected": " no"}, {"prompt": "Ho", "chosen": " ", "rejected": " no"}],
+         r"train_dataset row 1 has an empty chosen completion.*dataset.filter"),
+        ([{"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "yes"}],
+          "rejected": [{"role": "assistant", "content": ""}]}], r"row 0 has an empty rejected completion"),
+    ],
+    ids=["no-pair-columns", "no-rejected", "empty-chosen", "empty-conversational-rejected"],
+)  # fmt: skip
+def test_a_dataset_that_is_not_preference_pairs_is_refused(tokenizer, tmp_path, rows, message):
+    model = tiny_instruct_llama(tokenizer, seed=3)
+    with pytest.raises(ValueError, match=message):
+        GoatDPOTrainer(model=model, args=dpo_args(tmp_path), train_dataset=Dataset.from_list(rows))
+    assert not goat_layers(model)  # refused before anything was injected
+
+
+def test_an_empty_eval_split_is_named(tokenizer, tmp_path):
+    pairs = Dataset.from_list(preference_pairs(range(4)))
+    bad = {"held_out": Dataset.from_list([{"prompt": "Hi", "chosen": "", "rejected": " no"}])}
+    with pytest.raises(ValueError, match="held_out row 0 has an empty chosen completion"):
+        GoatDPOTrainer(tiny_instruct_llama(tokenizer), args=dpo_args(tmp_path), train_dataset=pairs, eval_dataset=bad)
+
+
+def test_options_goat_cannot_honour_are_refused_with_the_fix(tokenizer, tmp_path):
+    from peft import LoraConfig
+
+    pairs = Dataset.from_list(preference_pairs(range(4)))
+    model = tiny_instruct_llama(tokenizer, seed=3)
+    with pytest.raises(ValueError, match=r"not PEFT ones: drop peft_config \(--use_peft\) and set the adapter with"):
+        GoatDPOTrainer(model, args=dpo_args(tmp_path), train_dataset=pairs, peft_config=LoraConfig())
+    with pytest.raises(ValueError, match="sync_ref_model=True needs a separate reference model.*sync_ref_model=False"):
+        GoatDPOTrainer(model, args=dpo_args(tmp_path, sync_ref_model=True), train_dataset=pairs)
+    with pytest.raises(ValueError, match="goat_reference='base' and a ref_model were both given; pass one of them"):
+        GoatDPOTrainer(
+            model, tiny_instruct_llama(tokenizer), args=dpo_args(tmp_path, goat_reference="base"), train_dataset=pairs
+        )
+    with pytest.raises(ValueError, match="goat_reference='sft' is not one of 'auto', 'base', 'frozen_adapter'"):
+        GoatDPOTrainer(model, args=dpo_args(tmp_path, goat_reference="sft"), train_dataset=pairs)
+    assert not goat_layers(model)  # each refused before anything was injected
