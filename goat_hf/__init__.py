@@ -27,6 +27,10 @@ _LAZY = {
     "GoatHubMixin": "trainer_hub",
     "GoatSFTTrainer": "sft_trainer",
     "GoatSFTConfig": "sft_trainer",
+    "GoatDPOTrainer": "dpo_trainer",
+    "GoatDPOConfig": "dpo_trainer",
+    "GoatGRPOTrainer": "grpo_trainer",
+    "GoatGRPOConfig": "grpo_trainer",
 }
 
 
@@ -42,6 +46,10 @@ __all__ = [
     "__version__",
     "GoatAdapterError",
     "GoatConfig",
+    "GoatDPOConfig",
+    "GoatDPOTrainer",
+    "GoatGRPOConfig",
+    "GoatGRPOTrainer",
     "GoatHubError",
     "GoatHubMixin",
     "GoatLinear",

@@ -251,6 +251,7 @@ def _hyperparameters(trainer: Any) -> dict[str, Any]:
     if args is None:
         return {}
     values = {key: getattr(args, key, None) for key in HYPERPARAMETERS}
+    values.update(getattr(trainer, "card_settings", {}))  # e.g. a DPO run's beta, loss type and reference model
     return {key: getattr(value, "value", value) for key, value in values.items() if value is not None}  # enums by name
 
 

@@ -60,12 +60,7 @@ class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
     ) -> None:
         if model is None:
             raise ValueError(f"{type(self).__name__} needs `model` (model_init is not supported).")
-        config = self._resolve_goat_config(model, args, goat_config)
-        self.aux_loss_coef = config.aux_loss_coef
-        self._check_activation_checkpointing(args)  # before injecting: a refused trainer leaves the model as it was
-        if getattr(model, "goat_state", None) is None:
-            get_goat_model(model, config)
-            logger.info("Injected GOAT layers: %s", config)
+        self._inject_goat(model, args, goat_config)
         with trainer_accepts_quantized_base(model):
             super().__init__(model, args, *rest, **kwargs)
         self._goat_layers = list(goat_layers(self.model).values())
@@ -78,6 +73,15 @@ class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
         self.add_callback(self.nonfinite_guard)
 
     # ---- set-up ----
+
+    def _inject_goat(self, model: nn.Module, args: Any, goat_config: GoatConfig | None) -> None:
+        """Resolve the GoatConfig and inject GOAT layers unless the model has them (a second call changes nothing)."""
+        config = self._resolve_goat_config(model, args, goat_config)
+        self.aux_loss_coef = config.aux_loss_coef
+        self._check_activation_checkpointing(args)  # before injecting: a refused trainer leaves the model as it was
+        if getattr(model, "goat_state", None) is None:
+            get_goat_model(model, config)
+            logger.info("Injected GOAT layers: %s", config)
 
     @staticmethod
     def _resolve_goat_config(model: nn.Module, args: Any, goat_config: GoatConfig | None) -> GoatConfig:
@@ -140,7 +144,13 @@ class GoatTrainerMixin(GoatHubMixin, GoatShardedCheckpointMixin):
     ) -> Any:
         for layer in self._goat_layers:
             layer.routing = None  # a layer this forward skips must not hand in last step's graph
-        scaled = num_items_in_batch is not None and self._loss_uses_num_items_in_batch(model)
+        declared = getattr(
+            type(self), "loss_is_scaled_for_ga", None
+        )  # TRL's trainers declare it: DPO's loss is not, GRPO's is
+        if declared is None:
+            scaled = num_items_in_batch is not None and self._loss_uses_num_items_in_batch(model)
+        else:
+            scaled = declared
         self.loss_is_scaled_for_ga = scaled  # read by Trainer.training_step
         result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch if scaled else None

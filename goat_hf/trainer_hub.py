@@ -39,7 +39,10 @@ class GoatHubMixin:
             args = copy.copy(args)
             args.hub_token = None
         self._push_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="goat-push")  # pushes in order
-        super().__init__(model, args, *rest, **kwargs)
+        if rest:
+            super().__init__(model, args, *rest, **kwargs)
+        else:  # by name: TRL's DPOTrainer and GRPOTrainer take `ref_model` / `reward_funcs` second, not `args`
+            super().__init__(model, args=args, **kwargs)
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         if not self.is_world_process_zero():
