@@ -28,8 +28,10 @@ from bench_model import DTYPES, load_base, lora_model, paired_ratio
 from torch import nn
 from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
 
-from goat_hf import GoatConfig, get_goat_model, goat_layers, prepare_for_inference
+from goat_hf import GoatConfig, get_goat_model, prepare_for_inference
+from goat_hf.model import find_target_linears
 
+GOAT = GoatConfig(r=8, num_experts=8, top_k=2, target_modules="all-linear", seed=1)
 VARIANTS = ("merged", "lora", "goat", "goat prepared")
 GOALS = {  # (numerator, denominator, batch, eager bound, compiled bound): issue 24
     "GOAT / LoRA unmerged": ("goat", "lora", None, 1.0, None),
@@ -56,20 +58,19 @@ def build_variants(args: argparse.Namespace) -> dict[str, nn.Module]:
     for name in args.variants:
         model = load_base(args).eval()
         if name.startswith("goat"):
-            get_goat_model(model, GoatConfig(r=8, num_experts=8, top_k=2, target_modules="all-linear", seed=1))
-            targets = list(goat_layers(model))
+            get_goat_model(model, GOAT)
             if name == "goat prepared":
                 prepare_for_inference(model)
         elif name == "lora":
-            reference = get_goat_model(load_base(args), GoatConfig(r=8, num_experts=8, target_modules="all-linear"))
-            model = lora_model(model, list(goat_layers(reference)), r=8).eval()
-            del reference
+            targets = find_target_linears(model, GOAT, heads=[])
+            model = lora_model(
+                model, [name for name in targets if min(targets[name].weight.shape) >= GOAT.r], r=8
+            ).eval()
         model.requires_grad_(False)
         if args.compile:
             model.generation_config.cache_implementation = "static"
             model.generation_config.compile_config = CompileConfig(fullgraph=True, _compile_all_devices=True)
         models[name] = model
-    del targets
     return models
 
 
