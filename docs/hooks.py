@@ -16,7 +16,8 @@ from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURE_FOLDERS = {"benchmarks/results": "figures/benchmarks", "model_cards": "figures/model_cards"}
-FIGURE_LINK = re.compile(r"\]\(((?:\.\./)+)(" + "|".join(map(re.escape, FIGURE_FOLDERS)) + r")/([^)\s]+\.(?:png|svg))\)")
+FOLDER_NAMES = "|".join(map(re.escape, FIGURE_FOLDERS))
+FIGURE_LINK = re.compile(r"\]\(((?:\.\./)+)(" + FOLDER_NAMES + r")/([^)\s]+\.(?:png|svg))\)")
 FENCE = re.compile(r"^(\s*)```python (notest|continuation)\s*$", re.MULTILINE)
 NOTEST_TITLE = 'title="Not run by the test suite (the page says why)"'
 

@@ -65,7 +65,10 @@ def test_readme_links_land_on_files_and_headings():
 
 @pytest.mark.parametrize(
     ("page", "expected"),
-    [("docs/results.md", "reference-numbers-paper-8-experts-top-2"), ("docs/guides/big_models.md", "what-was-tested-where")],
+    [
+        ("docs/results.md", "reference-numbers-paper-8-experts-top-2"),
+        ("docs/guides/big_models.md", "what-was-tested-where"),
+    ],
 )
 def test_anchor_ids_match_mkdocs(page, expected):
     # the helper above must produce the ids the built site has (mkdocs --strict validated these two)
