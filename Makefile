@@ -50,7 +50,7 @@ bench:
 # The documentation site (mkdocs.yml, docs/) into site/. --strict: a broken link, a page left out of the nav or an
 # API name mkdocstrings cannot resolve fails the build. The docs' snippets run in `make test`.
 docs: install
-	$(PYTHON) -m mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict  # (the variable hides a banner about MkDocs 2)
 
 lint:
 	ruff check .

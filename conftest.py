@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no snippet may reach the Hub
 
@@ -51,52 +53,41 @@ def snippet_workdir(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch:
     request.addfinalizer(lambda: torch.set_num_threads(threads))
 
 
+def _test_fixtures() -> ModuleType:
+    """tests/conftest.py, for its tiny-model builders (pytest imports it as `conftest` too, only when tests/ runs)."""
+    spec = importlib.util.spec_from_file_location("goat_hf_tests_conftest", DOCS.parent / "tests" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @functools.cache
 def _pristine() -> dict:
     """Built once per session; each snippet gets deep copies (a snippet that trains must not change the next's)."""
-    import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from goat_hf.tasks.assets import minilm_path, smollm2_path
 
+    fixtures = _test_fixtures()
     tok = AutoTokenizer.from_pretrained(minilm_path())
     chat_tok = AutoTokenizer.from_pretrained(smollm2_path())
-
-    def llama(vocab_size: int) -> LlamaForCausalLM:
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            tie_word_embeddings=False,
-        )
-        return LlamaForCausalLM(config).eval()
-
-    torch.manual_seed(0)
-    bert = BertConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
-    )
+    chat_ids = {f"{kind}_token_id": getattr(chat_tok, f"{kind}_token_id") for kind in ("pad", "bos", "eos")}
 
     def sentences(rows: slice) -> Dataset:
         texts = SENTENCES[rows]
         encoded = tok(texts, padding="max_length", max_length=8, truncation=True)
         return Dataset.from_dict({**encoded, "label": [i % 2 for i in range(len(texts))]})
 
-    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(7))
     records = [("Is 2 + 2 equal to 4?", " yes"), ("Is 3 + 3 equal to 7?", " no")] * 2
     return {
-        "model": BertForSequenceClassification(bert).eval(),
+        "model": fixtures.tiny_classifier("bert", vocab_size=len(tok)),
         "tok": tok,
         "train": sentences(slice(0, 8)),
         "dev": sentences(slice(0, 4)),
-        "base_model": llama(100),
-        "inputs": {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-        "causal_lm": llama(len(chat_tok)),
+        "base_model": fixtures.tiny_llama(),
+        "inputs": fixtures.token_batch(),
+        "causal_lm": fixtures.tiny_llama(vocab_size=len(chat_tok), max_position_embeddings=256, **chat_ids),
         "chat_tok": chat_tok,
         "prompt_completion_data": Dataset.from_dict(
             {"prompt": [p for p, _ in records], "completion": [c for _, c in records]}
@@ -110,14 +101,6 @@ def pytest_markdown_docs_globals() -> dict:
     shared = ("tok", "chat_tok")  # tokenizers are not changed by the snippets
     names = {name: value if name in shared else copy.deepcopy(value) for name, value in _pristine().items()}
     names["fresh_base"] = copy.deepcopy(names["base_model"])
-    names["training_args"] = TrainingArguments(
-        output_dir="out",
-        use_cpu=True,
-        report_to=[],
-        disable_tqdm=True,
-        save_strategy="no",
-        logging_steps=1,
-        per_device_train_batch_size=4,
-        max_steps=2,
-    )
+    steps = dict(max_steps=2, per_device_train_batch_size=4, logging_steps=1)
+    names["training_args"] = TrainingArguments("out", report_to=[], **steps)
     return names
