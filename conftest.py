@@ -19,6 +19,7 @@ import copy
 import functools
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -40,17 +41,26 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
 
 
 @pytest.fixture(autouse=True)
-def snippet_workdir(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def snippet_workdir(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A snippet runs in its own empty folder, with one intra-op thread (tiny models on a shared 2-core CPU)."""
     if request.node.get_closest_marker("markdown-docs") is None:
+        yield
         return
+    import datasets
     import torch
+    from transformers.utils import logging as transformers_logging
 
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    # pytest-markdown-docs shows a snippet's output; progress bars would fill the test log
+    datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+    yield
+    transformers_logging.enable_progress_bar()
+    datasets.enable_progress_bars()
+    torch.set_num_threads(threads)
 
 
 def _test_fixtures() -> ModuleType:
@@ -101,6 +111,6 @@ def pytest_markdown_docs_globals() -> dict:
     shared = ("tok", "chat_tok")  # tokenizers are not changed by the snippets
     names = {name: value if name in shared else copy.deepcopy(value) for name, value in _pristine().items()}
     names["fresh_base"] = copy.deepcopy(names["base_model"])
-    steps = dict(max_steps=2, per_device_train_batch_size=4, logging_steps=1)
+    steps = dict(max_steps=2, per_device_train_batch_size=4, logging_steps=1, disable_tqdm=True)
     names["training_args"] = TrainingArguments("out", report_to=[], **steps)
     return names
