@@ -1,13 +1,18 @@
-"""A griffe extension for the API reference: a dataclass field's `metadata={"help": ...}` becomes its docstring
-and its `default=` the value shown.
+"""A griffe extension for the API reference: the help texts of the configuration dataclasses, shown once.
 
-GoatConfig keeps one help text per field (the command line shows it); with this, the API reference shows the same
-text under each field instead of a second copy written as a docstring.
+- A field `x: T = field(default=..., metadata={"help": ...})` (GoatConfig) gets the help text as its docstring and
+  its default as the value shown: GoatConfig keeps one help text per field, which the command line shows too.
+- `GoatTrainingArguments` is made by `dataclasses.make_dataclass` (its fields are generated from GoatConfig's), so
+  static analysis sees an assignment: it is documented from the imported class, its docstring and the fields it
+  adds to `TrainingArguments`.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
+import importlib
+import inspect
 from typing import Any
 
 from griffe import Attribute, Docstring, Extension
@@ -29,8 +34,27 @@ def help_text(metadata: ast.expr | None) -> str | None:
     return None
 
 
+def made_dataclass_doc(module: str, name: str) -> str:
+    """The docstring of an imported make_dataclass class, with a list of the fields it adds to its bases."""
+    cls = getattr(importlib.import_module(module), name)
+    inherited = {f.name for base in cls.__bases__ if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    lines = [inspect.getdoc(cls) or "", "", "Fields added to its bases, each a command-line flag:", ""]
+    for f in dataclasses.fields(cls):
+        if f.name not in inherited:
+            type_name = f.type.__name__ if isinstance(f.type, type) else str(f.type).replace("typing.", "")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_line = f.metadata.get("help", "").replace("*", r"\*")
+            lines.append(f"- `{f.name}` (`{type_name}`, default `{default!r}`): {help_line}")
+    return "\n".join(lines)
+
+
 class FieldHelp(Extension):
     def on_attribute_instance(self, *, node: Any, attr: Attribute, **kwargs: Any) -> None:
+        call = getattr(node, "value", None)
+        if isinstance(call, ast.Call) and ast.unparse(call.func).endswith("make_dataclass"):
+            attr.docstring = Docstring(made_dataclass_doc(attr.module.path, attr.name), parent=attr)
+            attr.value = None
+            return
         keywords = field_call(node)
         text = help_text(keywords.get("metadata"))
         if text and attr.docstring is None:
