@@ -5,7 +5,7 @@ export TOKENIZERS_PARALLELISM := false
 # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads made runs 5-10x slower.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo quickstart model-cards test test-deepspeed test-fast deps bench lint
+.PHONY: install demo quickstart model-cards test test-deepspeed test-fast deps bench lint docs
 
 # torch 2.13.0 comes from the local CPU wheel when no compatible torch is installed; an installed one is kept.
 install:
@@ -53,6 +53,11 @@ bench:
 	$(PYTHON) benchmarks/bench_layer.py --out benchmarks/results/bench_layer.json
 	$(PYTHON) benchmarks/bench_model.py --out benchmarks/results/bench_model.json
 	$(PYTHON) benchmarks/bench_trainer.py
+
+# The documentation site (mkdocs.yml, docs/) into site/. --strict: a broken link, a page left out of the nav or an
+# API name mkdocstrings cannot resolve fails the build. The docs' snippets run in `make test`.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict  # (the variable hides a banner about MkDocs 2)
 
 lint:
 	ruff check .
