@@ -108,7 +108,8 @@ class GoatLinear(nn.Module):
             return self.base_layer(x)  # [..., m]  W0 x, exactly
         with_dropout = self.training and isinstance(self.dropout, nn.Dropout)
         if self.prepared is not None or not (torch.is_grad_enabled() or self.record_routing or with_dropout):
-            self.routing = None
+            if self.routing is not None:  # nn.Module.__setattr__ costs a few µs a token otherwise
+                self.routing = None
             return self._inference_forward(x)
         result = None if not with_dropout and self._base_fuses(x) else self.base_layer(x)  # None: W0 x fused
         with torch.autocast(x.device.type, enabled=False):  # experts and router run in fp32 under bf16 autocast too
