@@ -69,7 +69,9 @@ def build_variants(args: argparse.Namespace) -> dict[str, nn.Module]:
         model.requires_grad_(False)
         if args.compile:
             model.generation_config.cache_implementation = "static"
-            model.generation_config.compile_config = CompileConfig(fullgraph=True, _compile_all_devices=True)
+            compile_config = CompileConfig(fullgraph=True)  # fullgraph: a graph break fails the run
+            compile_config._compile_all_devices = True  # generate compiles on CUDA only, unless told (a class flag)
+            model.generation_config.compile_config = compile_config
         models[name] = model
     return models
 

@@ -10,19 +10,9 @@ from torch import nn
 
 from .base_weights import dense_weight
 from .config import GoatConfig
-from .decode import adapter_delta, fused_base_forward, stacked_forward, stacked_inference_weights
+from .decode import InferenceWeights, adapter_delta, fused_base_forward, inference_weights, stacked_forward
 from .fused import FusedGoatFunction, fused_forward, routing_gates, small_softmax, stacked_weights
 from .init import scaled_expert_factors
-
-
-@dataclass
-class PreparedWeights:
-    """What prepare_for_inference leaves on a layer whose W0 now holds W_res (see goat_hf/prepare.py)."""
-
-    projection: torch.Tensor  # [E + r, n] fp32 [W_r; A]
-    up_t: torch.Tensor  # [r, m] fp32 (s·B)ᵀ
-    stacked: torch.Tensor | None  # [m + E + r, n] [W_res; W_r; A] for a fp32 base (W0's storage is its first m rows)
-    stacked_bias: torch.Tensor | None  # [m + E + r] [b; 0], or None without bias
 
 
 @dataclass
@@ -64,12 +54,13 @@ class GoatLinear(nn.Module):
         self.register_buffer("residual_A", torch.zeros(config.r, n, device=device) if with_residual else None)
         self.register_buffer("residual_B", torch.zeros(m, config.r, device=device) if with_residual else None)
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.has_dropout = config.lora_dropout > 0  # a plain attribute: read on every forward
         self.adapter_enabled = True
         self.token_mask: torch.Tensor | None = None  # over x.shape[:-1] (matched by shape); 0 marks padding
         self.routing: RoutingRecord | None = None  # training with grad only, unless record_routing
         self.record_routing = False  # True: record in evaluation and under no_grad too (goat_hf.record_routing)
-        self._inference_cache: tuple | None = None  # (key, projection, up_t) between no-grad forwards
-        self.prepared: PreparedWeights | None = None  # set by goat_hf.prepare_for_inference
+        self._inference_cache: InferenceWeights | None = None  # kept between no-grad forwards
+        self.prepared: InferenceWeights | None = None  # set by goat_hf.prepare_for_inference
 
     @classmethod
     def from_linear(
@@ -106,12 +97,14 @@ class GoatLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.adapter_enabled:
             return self.base_layer(x)  # [..., m]  W0 x, exactly
-        with_dropout = self.training and isinstance(self.dropout, nn.Dropout)
+        with_dropout = self.training and self.has_dropout
         if self.prepared is not None or not (torch.is_grad_enabled() or self.record_routing or with_dropout):
             if self.routing is not None:  # nn.Module.__setattr__ costs a few µs a token otherwise
                 self.routing = None
             return self._inference_forward(x)
-        result = None if not with_dropout and self._base_fuses(x) else self.base_layer(x)  # None: W0 x fused
+        result = (
+            None if not with_dropout and self._base_fuses(self.base_layer, x) else self.base_layer(x)
+        )  # None: W0 x fused
         with torch.autocast(x.device.type, enabled=False):  # experts and router run in fp32 under bf16 autocast too
             tokens_shape = x.shape[:-1]  # the mask must match it, not just its element count
             x = x.reshape(-1, self.in_features).to(torch.float32)  # [T, n]
@@ -155,19 +148,22 @@ class GoatLinear(nn.Module):
 
     def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """No autograd, no routing record, no dropout: the fewest operations (goat_hf/decode.py), in fp32 whatever
-        the base dtype. A prepared layer (prepare_for_inference) always comes here and refuses training."""
+        the base dtype. A prepared layer (prepare_for_inference) always comes here and refuses training.
+
+        This runs ~200 times per generated token: submodules and parameters are read from the module's dicts
+        (nn.Module.__getattr__ costs ~1 µs a lookup, as much as a small op)."""
         if self.prepared is not None:
             return self._prepared_forward(x)
-        E, r, m = self.num_experts, self.expert_A.shape[0], self.out_features
-        tokens = x.reshape(-1, self.in_features)  # [T, n]
-        projection, up_t = self._inference_weights()
-        if self._base_fuses(x):
-            base = self.base_layer
-            out = fused_base_forward(tokens, base.weight, base.bias, projection, up_t, E, r, self.top_k)
-            return out.view(*x.shape[:-1], m)
-        result = self.base_layer(x)
+        weights = self._inference_weights()
+        tokens = x.reshape(-1, x.shape[-1])  # [T, n]
+        base = self._modules["base_layer"]
+        if self._base_fuses(base, x):
+            params = base._parameters
+            out = fused_base_forward(tokens, params["weight"], params["bias"], weights)
+            return out.view(*x.shape[:-1], out.shape[1])
+        result = base(x)
         with torch.autocast(x.device.type, enabled=False):
-            delta = adapter_delta(tokens.to(torch.float32), projection, up_t, E, r, self.top_k)
+            delta = adapter_delta(tokens.to(torch.float32), weights)
         return result + delta.view(result.shape).to(result.dtype)
 
     def _prepared_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,42 +178,50 @@ class GoatLinear(nn.Module):
                 f"This layer was prepared for serving on {prepared.up_t.device} and got input on {x.device}; call "
                 "prepare_for_inference after moving the model, on a model loaded anew."
             )
-        E, r, m = self.num_experts, self.expert_A.shape[0], self.out_features
-        tokens = x.reshape(-1, self.in_features)  # [T, n]
+        tokens = x.reshape(-1, x.shape[-1])  # [T, n]
         if prepared.stacked is not None and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
-            out = stacked_forward(tokens, prepared.stacked, prepared.stacked_bias, prepared.up_t, m, E, self.top_k)
-            return out.view(*x.shape[:-1], m)
-        result = self.base_layer(x)  # W_res x + b
+            out = stacked_forward(tokens, prepared)
+            return out.view(*x.shape[:-1], out.shape[1])
+        result = self._modules["base_layer"](x)  # W_res x + b
         with torch.autocast(x.device.type, enabled=False):
-            delta = adapter_delta(tokens.to(torch.float32), prepared.projection, prepared.up_t, E, r, self.top_k)
+            delta = adapter_delta(tokens.to(torch.float32), prepared)
         return result + delta.view(result.shape).to(result.dtype)
 
-    def _inference_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inference_weights(self) -> InferenceWeights:
         """The stacked weights, kept between no-grad forwards (evaluation, generate) while no weight changed: the
         key holds each tensor's storage and version counter, which any in-place update (an optimizer step,
-        load_state_dict, `param.data = ...`) changes."""
-        weights = (self.router.weight, self.expert_A, self.expert_B, self.residual_A, self.residual_B)
-        key = tuple((t.data_ptr(), t._version) for t in weights if t is not None) + (self.scaling, self.init_cof)
+        load_state_dict, `param.data = ...`, `.to()`) changes. Under torch.compile they are built in the graph (a
+        traced function cannot check versions), a few copies of r-row matrices per call."""
+        params, buffers = self._parameters, self._buffers
+        router, A, B = self._modules["router"]._parameters["weight"], params["expert_A"], params["expert_B"]
+        A0, B0 = buffers["residual_A"], buffers["residual_B"]
+        if torch.compiler.is_compiling():
+            return inference_weights(router, A, B, A0, B0, self.scaling, self.correction, self.top_k)
+        key = (router.data_ptr(), router._version, A.data_ptr(), A._version, B.data_ptr(), B._version, self.scaling)
+        if A0 is not None:
+            key += (A0.data_ptr(), A0._version, B0.data_ptr(), B0._version, self.init_cof)
         cache = self._inference_cache
-        if cache is None or cache[0] != key:
-            cache = self._inference_cache = (key, *stacked_inference_weights(*weights, self.scaling, self.correction))
-        return cache[1], cache[2]
+        if cache is None or cache.key != key:
+            cache = inference_weights(router, A, B, A0, B0, self.scaling, self.correction, self.top_k, key)
+            self._inference_cache = cache
+        return cache
 
     @property
     def correction(self) -> float:
         """-c·s: the frozen residual's factor, W_res = W0 + correction·B0 A0."""
         return -self.init_cof * self.scaling
 
-    def _base_fuses(self, x: torch.Tensor) -> bool:
+    @staticmethod
+    def _base_fuses(base: nn.Module, x: torch.Tensor) -> bool:
         """Whether W0 x + b can run inside the fused Function: a plain fp32 nn.Linear, frozen, without hooks (an
         accelerate offload hook must see its call), outside autocast (which would run it in bf16)."""
-        base = self.base_layer
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+            return False
+        weight, bias = base._parameters["weight"], base._parameters["bias"]
         return (
-            type(base) is nn.Linear
-            and base.weight.dtype == x.dtype == torch.float32
-            and not base.weight.requires_grad
-            and (base.bias is None or not base.bias.requires_grad)
-            and not (base._forward_hooks or base._forward_pre_hooks)
+            weight.dtype == x.dtype == torch.float32
+            and not weight.requires_grad
+            and (bias is None or not bias.requires_grad)
             and not torch.is_autocast_enabled(x.device.type)
         )
 

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from .adapter_io import base_tensors
+from .decode import InferenceWeights, inference_weights
 from .fingerprint import fingerprint_record
-from .layer import GoatLinear, PreparedWeights
+from .layer import GoatLinear
 from .model import goat_layers, require_goat_state
 
 
@@ -47,20 +48,24 @@ def is_prepared(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _fold(layer: GoatLinear) -> PreparedWeights:
-    base, s, m = layer.base_layer, layer.scaling, layer.out_features
+def _fold(layer: GoatLinear) -> InferenceWeights:
+    base, m = layer.base_layer, layer.out_features
     W_res = base.weight.float()
     if layer.residual_A is not None:
         W_res = W_res.addmm(layer.residual_B, layer.residual_A, alpha=layer.correction)  # W0 - c·s·B0 A0
-    projection = torch.cat([layer.router.weight, layer.expert_A]).float()  # [E + r, n]
-    up_t = (layer.expert_B.float() * s).T.contiguous()  # [r, m]
+    weights = inference_weights(
+        layer.router.weight, layer.expert_A, layer.expert_B, None, None, layer.scaling, 0.0, layer.top_k
+    )
     if base.weight.dtype != torch.float32:  # a half base: W_res rounded to its dtype, the adapter kept in fp32
         base.weight.copy_(W_res.to(base.weight.dtype))
-        return PreparedWeights(projection, up_t, stacked=None, stacked_bias=None)
-    stacked = torch.cat([W_res, projection])  # [m + E + r, n]
-    base.weight.data = stacked[:m]  # W0's storage is released: no second copy of the base
-    bias = None if base.bias is None else torch.cat([base.bias, base.bias.new_zeros(projection.shape[0])])
-    return PreparedWeights(projection, up_t, stacked=stacked, stacked_bias=bias)
+        return weights
+    E, r = weights.sizes
+    weights.stacked = torch.cat([W_res, weights.projection])  # [m + E + r, n]
+    base.weight.data = weights.stacked[:m]  # W0's storage is released: no second copy of the base
+    if base.bias is not None:
+        weights.stacked_bias = torch.cat([base.bias, base.bias.new_zeros(E + r)])
+    weights.stacked_up_t, weights.stacked_sizes = weights.up_t[E:], (m, E, r)
+    return weights
 
 
 def _check_plain_base(name: str, base: nn.Module) -> None:

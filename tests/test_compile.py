@@ -1,0 +1,72 @@
+"""torch.compile of the inference forward: one graph (fullgraph=True fails on any graph break), the same outputs as
+eager, and weight changes seen by the compiled forward (it cannot check the eager cache's version key, so it must
+build the stacked weights in the graph). Dynamo's "eager" backend traces exactly what inductor would compile, in
+seconds; the speed of the inductor build is measured by benchmarks/bench_decode.py --compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama, train_like_
+from transformers import CompileConfig
+
+from goat_hf import GoatConfig, get_goat_model, goat_layers, prepare_for_inference
+
+CONFIG = GoatConfig(r=8, num_experts=4, top_k=2)
+IDS = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def trained_llama() -> torch.nn.Module:
+    return train_like_(get_goat_model(tiny_llama(), CONFIG)).eval()
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("prepared", [False, True], ids=["default", "prepared"])
+def test_compiled_forward_is_one_graph_with_the_eager_outputs(prepared):
+    model = trained_llama()
+    if prepared:
+        prepare_for_inference(model)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert_logits_close(compiled(IDS).logits, model(IDS).logits)
+
+
+def test_compiled_forward_sees_weight_changes():
+    """A compiled evaluation after more training steps must use the new weights, not the ones the eager cache held
+    (the bug: reading the cached stacked weights in the graph, where their version key cannot be checked)."""
+    model = trained_llama()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        before = compiled(IDS).logits
+        model(IDS)  # fills the eager cache with these weights
+        for layer in goat_layers(model).values():
+            layer.expert_B.mul_(3.0)  # an optimizer step is an in-place update like this one
+        after = compiled(IDS).logits
+        assert_logits_close(after, model(IDS).logits)
+    assert (after - before).abs().max() > 1e-3
+
+
+def test_generate_with_a_static_cache_compiles_without_graph_breaks():
+    """What `generate` does with `cache_implementation="static"` and a compile config (on CPU it must be asked):
+    the decode step is compiled with fullgraph=True, so any graph break raises; the greedy tokens are eager's."""
+    model = trained_llama()
+    with torch.no_grad():
+        eager = model.generate(IDS, do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
+    compile_config = CompileConfig(fullgraph=True, backend="eager")
+    compile_config._compile_all_devices = True
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.compile_config = compile_config
+    with torch.no_grad():
+        compiled = model.generate(IDS, do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
+    assert torch.equal(compiled, eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the decode step really was compiled
