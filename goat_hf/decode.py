@@ -97,3 +97,26 @@ def stacked_forward(tokens: torch.Tensor, w: InferenceWeights) -> torch.Tensor:
     base, logits, experts = F.linear(tokens, w.stacked, w.stacked_bias).split(w.stacked_sizes, 1)
     gate_experts_(experts, top_k_gates(logits, w.top_k))
     return torch.addmm(base, experts, w.stacked_up_t)
+
+
+def factored_forward(
+    tokens: torch.Tensor,
+    out: torch.Tensor,
+    router_weight,
+    expert_A,
+    expert_B,
+    residual_A,
+    residual_B,
+    scaling: float,
+    correction: float,
+    top_k: int,
+) -> torch.Tensor:
+    """out [T, m] (fp32: W0 x + b) plus the adapter, from the layer's own factors: under torch.compile, where the
+    cached stacked copies cannot be checked against the weights and building them anew would copy every layer's
+    factors on every token. Three small matmuls in, two addmm out."""
+    experts = F.linear(tokens, expert_A)  # [T, r]
+    gate_experts_(experts, top_k_gates(F.linear(tokens, router_weight), top_k))
+    out = torch.addmm(out, experts, expert_B.T, alpha=scaling)
+    if residual_A is None:
+        return out
+    return torch.addmm(out, F.linear(tokens, residual_A), residual_B.T, alpha=correction)

@@ -10,7 +10,14 @@ from torch import nn
 
 from .base_weights import dense_weight
 from .config import GoatConfig
-from .decode import InferenceWeights, adapter_delta, fused_base_forward, inference_weights, stacked_forward
+from .decode import (
+    InferenceWeights,
+    adapter_delta,
+    factored_forward,
+    fused_base_forward,
+    inference_weights,
+    stacked_forward,
+)
 from .fused import FusedGoatFunction, fused_forward, routing_gates, small_softmax, stacked_weights
 from .init import scaled_expert_factors
 
@@ -154,6 +161,8 @@ class GoatLinear(nn.Module):
         (nn.Module.__getattr__ costs ~1 µs a lookup, as much as a small op)."""
         if self.prepared is not None:
             return self._prepared_forward(x)
+        if torch.compiler.is_compiling():
+            return self._traced_forward(x)
         weights = self._inference_weights()
         tokens = x.reshape(-1, x.shape[-1])  # [T, n]
         base = self._modules["base_layer"]
@@ -165,6 +174,15 @@ class GoatLinear(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             delta = adapter_delta(tokens.to(torch.float32), weights)
         return result + delta.view(result.shape).to(result.dtype)
+
+    def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The inference forward under torch.compile: from the factors themselves (see decode.factored_forward)."""
+        weights = (self.router.weight, self.expert_A, self.expert_B, self.residual_A, self.residual_B)
+        result = self.base_layer(x)
+        with torch.autocast(x.device.type, enabled=False):
+            tokens, out = x.reshape(-1, self.in_features).float(), result.reshape(-1, self.out_features).float()
+            out = factored_forward(tokens, out, *weights, self.scaling, self.correction, self.top_k)
+        return out.view(result.shape).to(result.dtype)
 
     def _prepared_forward(self, x: torch.Tensor) -> torch.Tensor:
         prepared = self.prepared
@@ -190,13 +208,10 @@ class GoatLinear(nn.Module):
     def _inference_weights(self) -> InferenceWeights:
         """The stacked weights, kept between no-grad forwards (evaluation, generate) while no weight changed: the
         key holds each tensor's storage and version counter, which any in-place update (an optimizer step,
-        load_state_dict, `param.data = ...`, `.to()`) changes. Under torch.compile they are built in the graph (a
-        traced function cannot check versions), a few copies of r-row matrices per call."""
+        load_state_dict, `param.data = ...`, `.to()`) changes."""
         params, buffers = self._parameters, self._buffers
         router, A, B = self._modules["router"]._parameters["weight"], params["expert_A"], params["expert_B"]
         A0, B0 = buffers["residual_A"], buffers["residual_B"]
-        if torch.compiler.is_compiling():
-            return inference_weights(router, A, B, A0, B0, self.scaling, self.correction, self.top_k)
         key = (router.data_ptr(), router._version, A.data_ptr(), A._version, B.data_ptr(), B._version, self.scaling)
         if A0 is not None:
             key += (A0.data_ptr(), A0._version, B0.data_ptr(), B0._version, self.init_cof)

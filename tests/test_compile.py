@@ -1,6 +1,6 @@
 """torch.compile of the inference forward: one graph (fullgraph=True fails on any graph break), the same outputs as
-eager, and weight changes seen by the compiled forward (it cannot check the eager cache's version key, so it must
-build the stacked weights in the graph). Dynamo's "eager" backend traces exactly what inductor would compile, in
+eager, and weight changes seen by the compiled forward (it cannot check the eager cache's version key, so it reads
+the layer's own factors). Dynamo's "eager" backend traces exactly what inductor would compile, in
 seconds; the speed of the inductor build is measured by benchmarks/bench_decode.py --compile."""
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ def fresh_dynamo():
 
 
 def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    """fp32 rounding, through two decoder layers: the compiled path applies s as addmm's alpha where the eager one
+    folded it into B (a stale or wrong weight moves the logits by ~0.1 and more)."""
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize("prepared", [False, True], ids=["default", "prepared"])
