@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,12 @@ def test_readme_is_short_and_keeps_the_two_commands():
     assert len(text.splitlines()) <= 200
     assert "make demo" in text and "make test" in text
     assert any("Results" in heading for heading in HEADING.findall(FENCED.sub("", text)))
+
+
+def test_readme_decode_table_is_the_benchmark_results():
+    """The Serving table is generated from benchmarks/results/bench_decode_cpu*.json: a hand edit or a new result
+    left out of the README fails here (fix: python benchmarks/decode_table.py --write)."""
+    check = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "decode_table.py")], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout
