@@ -99,7 +99,9 @@ def test_export_needs_a_base_it_can_record(trained, tokenizer, tmp_path):
 
 def test_export_needs_a_tokenizer(trained, tmp_path):
     model, base = trained  # the base folder holds the weights and config only
-    with pytest.raises(GoatAdapterError, match="No tokenizer could be loaded from .*the server needs one: pass tokenizer="):
+    with pytest.raises(
+        GoatAdapterError, match="No tokenizer could be loaded from .*the server needs one: pass tokenizer="
+    ):
         export_for_serving(model, tmp_path / "served", base_model=base)
     assert not (tmp_path / "served").exists()
 
