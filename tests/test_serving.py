@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, pipeline
 
 from goat_hf import GoatAdapterError, GoatConfig, disable_goat, export_for_serving, get_goat_model, save_goat_adapter
 from goat_hf.prepare import is_prepared
+from goat_hf.tasks.assets import SMOLLM2_HUB_ID, smollm2_path
 
 NEW_TOKENS = 8
 QUESTIONS = [f"Question {i}: what comes after {i}?" for i in range(16)]
@@ -233,3 +234,20 @@ def test_a_request_whose_answer_would_pass_the_context_gets_a_4xx(server):
         url, "/v1/completions", request("/v1/completions", model_name, prompt=" hello" * 500, max_tokens=40)
     )
     assert 400 <= code < 500, (code, text[-300:])
+
+
+def test_the_example_exports_sft_nlgs_adapter_onto_the_bundled_smollm2(trained, tmp_path, capsys):
+    from test_sft_examples import load_example
+
+    model, _ = trained
+    model.config._name_or_path = SMOLLM2_HUB_ID  # as examples/sft_nlg.py records its offline base
+    try:
+        save_goat_adapter(model, tmp_path / "sft_nlg")
+    finally:
+        model.config._name_or_path = ""
+    folder = load_example("serve").main(["--adapter", str(tmp_path / "sft_nlg"), "--output_dir", str(tmp_path / "out")])
+    assert json.loads((folder / "config.json").read_text())["goat_base_model"] == str(smollm2_path())
+    printed = capsys.readouterr().out
+    assert f"transformers serve {folder} --trust-remote-code --host 127.0.0.1 --port 8000" in printed
+    body = json.loads(printed.rsplit("-d ", 1)[1].strip().strip("'"))
+    assert body["model"] == str(folder) and body["prompt"].endswith("### Response:\n")
