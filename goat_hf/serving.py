@@ -149,7 +149,9 @@ def export_for_serving(
     fields = {k: v for k, v in base_config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
     config = GoatServingConfig(goat_base_model=None if base == recorded["name_or_path"] else base, **fields)
     config.auto_map = AUTO_MAP
-    config.save_pretrained(output)
+    # Not save_pretrained: once a folder was loaded in this process, the class is registered for AutoConfig and
+    # save_pretrained would copy goat_hf's own modules into the folder and point auto_map at them.
+    config.to_json_file(output / "config.json")
     generation_config.save_pretrained(output)
     tokenizer.save_pretrained(output)
     (output / MODELING_FILE).write_text(MODELING_SOURCE)
