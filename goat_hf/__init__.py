@@ -31,6 +31,7 @@ _LAZY = {
     "GoatDPOConfig": "dpo_trainer",
     "GoatGRPOTrainer": "grpo_trainer",
     "GoatGRPOConfig": "grpo_trainer",
+    "export_for_serving": "serving",  # imports transformers' PreTrainedModel: seconds
 }
 
 
@@ -59,6 +60,7 @@ __all__ = [
     "GoatTrainerMixin",
     "GoatTrainingArguments",
     "disable_goat",
+    "export_for_serving",
     "get_goat_model",
     "goat_layers",
     "load_goat_adapter",
