@@ -210,7 +210,7 @@ def test_accumulated_micro_batches_give_the_full_batch_loss_plus_the_mean_balanc
     assert [len(batch["input_ids"]) for batch in micro_batches] == [4, 4]  # 2 pairs each: chosen and rejected rows
 
     def full_batch_loss(model, coef: float) -> torch.Tensor:
-        losses, balances = zip(*(dpo_loss_and_balance(model, batch, args.beta) for batch in micro_batches))
+        losses, balances = zip(*(dpo_loss_and_balance(model, batch, args.beta) for batch in micro_batches), strict=True)
         return torch.stack(losses).mean() + coef * torch.stack(balances).mean()
 
     model.gradient_checkpointing_disable()  # DPOConfig turns it on; same values, and autograd.grad can run
