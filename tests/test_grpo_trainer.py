@@ -99,7 +99,7 @@ def test_accumulation_adds_the_mean_balance_loss_of_the_micro_batches(tokenizer,
 
     The bug it catches: the balance loss scaled for accumulation unlike GRPO's loss. GRPO declares its loss already
     scaled (Trainer divides nothing), so the mixin must divide the aux term by the accumulation steps itself; without
-    that it is added 2x too large (and a mixin that guessed "not scaled" would get GRPO's loss wrong as well)."""
+    that it is added 2x too large here. (GRPO's own loss has no gradient in this test: its scaling is TRL's.)"""
     coef = 0.05
     args = sgd_args(
         tmp_path, 4, 2, GoatGRPOConfig, bf16=False, goat_r=8, goat_num_experts=4, aux_loss_coef=coef,
