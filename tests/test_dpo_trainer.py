@@ -194,9 +194,10 @@ def test_accumulated_micro_batches_give_the_full_batch_loss_plus_the_mean_balanc
     """One SGD step over 4 pairs as 2 accumulated micro-batches of 2 = the DPO loss of the 4 pairs plus aux_loss_coef
     times the mean of the micro-batches' balance losses (a per-forward statistic, averaged like a micro-batch loss).
 
-    The bug it catches: the balance loss scaled for accumulation unlike DPO's loss. DPO declares its loss not scaled
-    (Trainer divides it by the accumulation steps); a mixin that guessed "scaled" (the causal-LM rule) or divided
-    the aux term itself as well would add it 2x too large or 2x too small."""
+    The bug it catches: the balance loss scaled for accumulation unlike DPO's loss. DPO declares its loss not scaled,
+    so Trainer divides the returned loss, aux term included, by the accumulation steps: a mixin that divided the aux
+    term itself as well would add it 2x too small (and one that marked the loss as already scaled would leave DPO's
+    loss 2x too large)."""
     pairs = Dataset.from_list(preference_pairs([7, 123456, 42, 9876543210]))  # prompts of different lengths: padding
     coef = 0.005
     args = sgd_args(tmp_path, 2, 2, GoatDPOConfig, bf16=False, goat_r=8, goat_num_experts=4, aux_loss_coef=coef)
