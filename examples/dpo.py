@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from dpo_grpo_common import PolicyArguments, load_policy
+from dpo_grpo_common import SHARED_DEFAULTS, PolicyArguments, load_policy
 from transformers import HfArgumentParser, PreTrainedTokenizerBase
 
 from goat_hf.dpo_trainer import GoatDPOConfig, GoatDPOTrainer
@@ -93,12 +93,10 @@ def held_out_metrics(trainer: GoatDPOTrainer, tokenizer, pairs: Dataset) -> dict
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = HfArgumentParser((ScriptArguments, GoatDPOConfig))
-    defaults = dict(
-        output_dir="runs/dpo_tweets", bf16=False, use_cpu=not torch.cuda.is_available(), learning_rate=3e-4,
-        per_device_train_batch_size=8, per_device_eval_batch_size=16, num_train_epochs=1, beta=0.1,
-        logging_steps=8, save_strategy="no", report_to=[], goat_r=32, max_length=192,
+    parser.set_defaults(
+        **SHARED_DEFAULTS, output_dir="runs/dpo_tweets", learning_rate=3e-4, per_device_train_batch_size=8,
+        per_device_eval_batch_size=16, num_train_epochs=1, beta=0.1, logging_steps=8, max_length=192,
     )  # fmt: skip
-    parser.set_defaults(**defaults)
     script, args = parser.parse_args_into_dataclasses(args=argv)
     splits = tweet_splits(train=script.num_train, validation=0, test=script.num_eval, pool=1)
     train, held_out = preference_pairs(splits.train, args.seed), preference_pairs(splits.test, args.seed + 1)

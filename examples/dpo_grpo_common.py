@@ -9,6 +9,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from goat_hf import load_goat_adapter
 from goat_hf.tasks.assets import SMOLLM2_HUB_ID, smollm2_path
+from goat_hf.trainer import CHECKPOINTING_FLAG
+
+# Flag defaults of both examples: fp32 (TRL's default is bf16), the GPU when there is one, no checkpoints or trackers,
+# GOAT's total rank 32, and no activation checkpointing (on in TRL's configs): it saves memory a 135M model does not
+# need, for one more forward pass per step.
+SHARED_DEFAULTS = {
+    "bf16": False,
+    "use_cpu": not torch.cuda.is_available(),
+    "save_strategy": "no",
+    "report_to": [],
+    "goat_r": 32,
+    CHECKPOINTING_FLAG: False,
+}
 
 
 @dataclass

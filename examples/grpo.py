@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from datasets import Dataset
-from dpo_grpo_common import PolicyArguments, load_policy
+from dpo_grpo_common import SHARED_DEFAULTS, PolicyArguments, load_policy
 from sft_nlg import generated_problems, reference
 from transformers import HfArgumentParser
 
@@ -48,9 +47,8 @@ def accuracy(model, tokenizer, records: list[dict], max_new_tokens: int) -> floa
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = HfArgumentParser((ScriptArguments, GoatGRPOConfig))
     parser.set_defaults(
-        output_dir="runs/grpo_arithmetic", bf16=False, use_cpu=not torch.cuda.is_available(), learning_rate=1e-4,
-        per_device_train_batch_size=8, num_generations=4, max_completion_length=40, beta=0.04, max_steps=16,
-        logging_steps=4, save_strategy="no", report_to=[], goat_r=32, temperature=1.0,
+        **SHARED_DEFAULTS, output_dir="runs/grpo_arithmetic", learning_rate=1e-4, per_device_train_batch_size=8,
+        num_generations=4, max_completion_length=40, beta=0.04, max_steps=16, logging_steps=4, temperature=1.0,
     )  # fmt: skip
     script, args = parser.parse_args_into_dataclasses(args=argv)
     train, held_out = generated_problems(script.num_train, script.num_eval, args.seed)
