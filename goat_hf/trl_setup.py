@@ -1,5 +1,6 @@
-"""What GoatDPOTrainer and GoatGRPOTrainer share: the `goat_reference` flag, a model given as a path, the
-reference model without a second copy, and the settings TRL's options GOAT cannot honour are refused with.
+"""What GoatDPOTrainer and GoatGRPOTrainer share: the `goat_reference` flag, and GoatReferenceTrainerMixin, which
+checks the arguments (TRL options GOAT cannot honour are refused with the fix), loads a model given as a path, injects
+GOAT and builds the reference model without a second copy, all before TRL's __init__ sees the model.
 Importing this module imports TRL."""
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from typing import Any
 
 from torch import nn
 
+from .config import GoatConfig
+from .model import keep_goat_in_fp32
 from .reference import REFERENCE_MODES, GoatReferenceModel, ReferenceMode, resolve_reference_mode
+from .trainer import GoatTrainerMixin
 
 try:
     from trl.trainer.utils import create_model_from_path
@@ -41,6 +45,44 @@ class GoatReferenceArguments:
     )
 
 
+class GoatReferenceTrainerMixin(GoatTrainerMixin):
+    """GoatTrainerMixin for TRL trainers that score with a reference model (DPO, GRPO). Their __init__ calls
+    `_goat_arguments`, then `_goat_policy`, then TRL's __init__ with the policy and the reference it returns."""
+
+    reference_mode: str | None  # "base", "frozen_adapter", "ref_model", or None where there is no reference
+
+    def __init__(self, model: nn.Module, args: Any, *rest: Any, **kwargs: Any) -> None:
+        super().__init__(model, args, *rest, **kwargs)
+        keep_goat_in_fp32(self.model)  # TRL casts a quantized model's trainable parameters to bf16
+
+    def _goat_arguments(self, args: Any, model: nn.Module | str, config_class: type, method: str, peft_config: Any):
+        """`args`, or TRL's default arguments when None; refused if they ask for what GOAT cannot honour."""
+        args = args if args is not None else default_args(config_class, model, method)
+        refuse_unsupported(type(self).__name__, args, peft_config)
+        return args
+
+    def _goat_policy(
+        self,
+        model: nn.Module | str,
+        args: Any,
+        goat_config: GoatConfig | None,
+        quantization_config: Any,
+        ref_model: nn.Module | None = None,
+        with_reference: bool = True,
+    ) -> tuple[nn.Module, nn.Module | None]:
+        """The policy (loaded if given as a path, with GOAT layers) and its reference (None without one)."""
+        model = load_policy(model, args, quantization_config)
+        mode = reference_mode(args, ref_model, getattr(model, "goat_state", None) is not None)
+        self._inject_goat(model, args, goat_config)  # before the reference copies the adapter
+        self.reference_mode = mode if with_reference else None
+        return model, reference_model(model, mode, ref_model) if with_reference else None
+
+    @property
+    def reference_description(self) -> str:
+        """Which reference the run uses, in words (logged, and listed in the model card)."""
+        return REFERENCE_DESCRIPTIONS[self.reference_mode] if self.reference_mode else "none"
+
+
 def load_policy(model: nn.Module | str, args: Any, quantization_config: Any) -> nn.Module:
     """The model, loaded from a path or Hub id with `args.model_init_kwargs` (TRL's loader) when given as a string:
     GOAT layers must exist before TRL wraps the model."""
@@ -69,6 +111,11 @@ def refuse_unsupported(trainer_name: str, args: Any, peft_config: Any) -> None:
         raise ValueError(
             f"sync_ref_model=True needs a separate reference model to update; {trainer_name}'s reference is the "
             "base model or a frozen copy of the adapter, with nothing to synchronise. Set sync_ref_model=False."
+        )
+    if getattr(args, "use_vllm", False):
+        raise ValueError(
+            "vLLM cannot run GOAT layers (it would generate with the base model alone); set use_vllm=False to "
+            "generate with transformers' generate."
         )
     if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
         raise ValueError(

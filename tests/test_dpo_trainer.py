@@ -7,18 +7,32 @@ from __future__ import annotations
 import json
 import runpy
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import train_like_
 from datasets import Dataset
 from instruct_fixtures import save_tiny_instruct_model, smollm2_tokenizer, tiny_instruct_llama
-from trainer_fixtures import SMALL, adapter_copy, cpu_args, max_difference, single_thread, training_logs
+from trainer_fixtures import (
+    SMALL,
+    adapter_copy,
+    balance_losses,
+    cpu_args,
+    max_difference,
+    record_training_inputs,
+    sgd_args,
+    sgd_reference_step,
+    single_thread,
+    trainable_copy,
+    training_logs,
+)
 from transformers import TrainerCallback
 from trl.trainer.utils import add_fused_lm_head, hash_module
 
-from goat_hf import get_goat_model, goat_layers, load_goat_adapter, save_goat_adapter
+from goat_hf import disable_goat, get_goat_model, goat_layers, load_goat_adapter, save_goat_adapter
 from goat_hf.dpo_trainer import GoatDPOConfig, GoatDPOTrainer
 from goat_hf.reference import GoatReferenceModel
 
@@ -30,7 +44,7 @@ def tokenizer():
     return smollm2_tokenizer()
 
 
-def preference_pairs(numbers: range) -> list[dict[str, str]]:
+def preference_pairs(numbers: Iterable[int]) -> list[dict[str, str]]:
     """A preference a tiny model can learn and carry over to unseen prompts: " yes" is chosen, " no" rejected."""
     return [{"prompt": f"Is {n} a number?", "chosen": " yes", "rejected": " no"} for n in numbers]
 
@@ -157,6 +171,54 @@ def test_reward_margins_grow_over_a_short_run(tokenizer, tmp_path):
     assert abs(before["eval_rewards/margins"]) < 0.01  # GOAT at init is the base up to the routing
     assert after["eval_rewards/margins"] > 0.3  # held-out prompts: 0.48 in 12 steps
     assert after["eval_rewards/accuracies"] == 1.0
+
+
+def dpo_loss_and_balance(model, batch: dict[str, torch.Tensor], beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sigmoid DPO loss of a collated batch (chosen rows, then rejected), written from the formula with the base
+    (GOAT off) as reference, and the summed balance loss of the policy forward."""
+    ids, mask, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+
+    def completion_log_probs() -> torch.Tensor:  # [2B]
+        log_probs = model(input_ids=ids, attention_mask=mask).logits[:, :-1].log_softmax(-1)
+        return (log_probs.gather(-1, ids[:, 1:, None])[..., 0] * completion[:, 1:]).sum(1)
+
+    policy = completion_log_probs()
+    balance = torch.stack(balance_losses(model)).sum()
+    with torch.no_grad(), disable_goat(model):
+        reference = completion_log_probs()
+    chosen, rejected = (policy - reference).chunk(2)
+    return -F.logsigmoid(beta * (chosen - rejected)).mean(), balance
+
+
+def test_accumulated_micro_batches_give_the_full_batch_loss_plus_the_mean_balance_loss(tokenizer, tmp_path):
+    """One SGD step over 4 pairs as 2 accumulated micro-batches of 2 = the DPO loss of the 4 pairs plus aux_loss_coef
+    times the mean of the micro-batches' balance losses (a per-forward statistic, averaged like a micro-batch loss).
+
+    The bug it catches: the balance loss scaled for accumulation unlike DPO's loss. DPO declares its loss not scaled,
+    so Trainer divides the returned loss, aux term included, by the accumulation steps: a mixin that divided the aux
+    term itself as well would add it 2x too small (and one that marked the loss as already scaled would leave DPO's
+    loss 2x too large)."""
+    pairs = Dataset.from_list(preference_pairs([7, 123456, 42, 9876543210]))  # prompts of different lengths: padding
+    coef = 0.005
+    args = sgd_args(tmp_path, 2, 2, GoatDPOConfig, bf16=False, goat_r=8, goat_num_experts=4, aux_loss_coef=coef)
+    model = tiny_instruct_llama(tokenizer, seed=3)
+    trainer = GoatDPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer)
+    train_like_(model, std=0.3)  # an adapter away from the base: DPO's first step has a gradient
+    start = trainable_copy(model)
+    micro_batches = record_training_inputs(trainer)
+    trainer.train()
+    trained = trainable_copy(model)
+    assert [len(batch["input_ids"]) for batch in micro_batches] == [4, 4]  # 2 pairs each: chosen and rejected rows
+
+    def full_batch_loss(model, coef: float) -> torch.Tensor:
+        losses, balances = zip(*(dpo_loss_and_balance(model, batch, args.beta) for batch in micro_batches), strict=True)
+        return torch.stack(losses).mean() + coef * torch.stack(balances).mean()
+
+    model.gradient_checkpointing_disable()  # DPOConfig turns it on; same values, and autograd.grad can run
+    expected = sgd_reference_step(model.train(), start, lambda model: full_batch_loss(model, coef))
+    without_aux = sgd_reference_step(model, start, lambda model: full_batch_loss(model, 0.0))
+    assert max_difference(expected, without_aux) > 1e-3  # the aux term is visible in the step
+    assert max_difference(trained, expected) < 1e-5
 
 
 def test_resuming_gives_the_uninterrupted_run(tokenizer, tmp_path):

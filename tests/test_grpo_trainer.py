@@ -10,7 +10,19 @@ import torch
 from conftest import train_like_
 from datasets import Dataset
 from instruct_fixtures import smollm2_tokenizer, tiny_instruct_llama
-from trainer_fixtures import adapter_copy, assert_adapter_folder, cpu_args, max_difference, single_thread, training_logs
+from trainer_fixtures import (
+    adapter_copy,
+    assert_adapter_folder,
+    balance_losses,
+    cpu_args,
+    max_difference,
+    record_training_inputs,
+    sgd_args,
+    sgd_reference_step,
+    single_thread,
+    trainable_copy,
+    training_logs,
+)
 from trl.trainer.utils import add_fused_lm_head
 
 from goat_hf import goat_layers
@@ -78,6 +90,45 @@ def test_the_kl_reference_is_the_base_model_bit_for_bit(tokenizer, tmp_path):
     add_fused_lm_head(base, temperature=trainer.temperature)
     assert torch.equal(log_probs(trainer.ref_model), log_probs(base.eval()))
     assert not torch.allclose(log_probs(model), log_probs(trainer.ref_model), atol=1e-3)
+
+
+def test_accumulation_adds_the_mean_balance_loss_of_the_micro_batches(tokenizer, tmp_path):
+    """Two accumulated micro-batches of 4 completions: one SGD step = aux_loss_coef times the mean of their balance
+    losses. A constant reward gives zero advantages, so GRPO's own loss has no gradient and the step is the balance
+    loss's alone, computed here from the completions the trainer generated.
+
+    The bug it catches: the balance loss scaled for accumulation unlike GRPO's loss. GRPO declares its loss already
+    scaled (Trainer divides nothing), so the mixin must divide the aux term by the accumulation steps itself; without
+    that it is added 2x too large here. (GRPO's own loss has no gradient in this test: its scaling is TRL's.)"""
+    coef = 0.05
+    args = sgd_args(
+        tmp_path, 4, 2, GoatGRPOConfig, bf16=False, goat_r=8, goat_num_experts=4, aux_loss_coef=coef,
+        num_generations=4, max_completion_length=6, beta=0.0,
+    )  # fmt: skip
+    model = tiny_instruct_llama(tokenizer, seed=3)
+    constant = lambda prompts, completions, **kwargs: [1.0] * len(completions)  # noqa: E731
+    trainer = GoatGRPOTrainer(model, constant, args=args, train_dataset=PROBLEMS, processing_class=tokenizer)
+    start = trainable_copy(model)
+    micro_batches = record_training_inputs(trainer)
+    trainer.train()
+    trained = trainable_copy(model)
+    assert [len(batch["completion_ids"]) for batch in micro_batches] == [4, 4]
+    assert all(not batch["advantages"].any() for batch in micro_batches)
+
+    def mean_balance_loss(model) -> torch.Tensor:
+        balances = []
+        for batch in micro_batches:
+            model(
+                input_ids=torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+                attention_mask=torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
+            )
+            balances.append(torch.stack(balance_losses(model)).sum())
+        return coef * torch.stack(balances).mean()
+
+    model.gradient_checkpointing_disable()  # TRL's configs turn it on; same values, and autograd.grad can run
+    expected = sgd_reference_step(model.train(), start, mean_balance_loss)
+    assert max_difference(expected, start) > 1e-2  # a real step
+    assert max_difference(trained, expected) < 1e-5
 
 
 def test_beta_zero_needs_no_reference(tokenizer, tmp_path):

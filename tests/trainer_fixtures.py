@@ -127,6 +127,37 @@ def sgd_args(tmp_path, micro_batch: int, accumulation: int, args_class: type = T
     )
 
 
+def record_training_inputs(trainer) -> list[dict[str, torch.Tensor]]:
+    """The micro-batches the trainer's compute_loss receives in training, in order (filled as it trains)."""
+    seen: list[dict[str, torch.Tensor]] = []
+    compute_loss = trainer.compute_loss
+
+    def recording(model, inputs, *args, **kwargs):
+        if model.training:
+            seen.append(inputs)
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = recording
+    return seen
+
+
+def trainable_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
+
+
+def sgd_reference_step(model: nn.Module, start: dict[str, torch.Tensor], loss_fn, lr: float = 1.0) -> dict:
+    """One SGD step written out: the trainable tensors set back to `start`, then start - lr * grad(loss_fn(model))."""
+    params = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(start[name])
+    grads = torch.autograd.grad(loss_fn(model), list(params.values()), allow_unused=True)
+    return {
+        name: start[name] - lr * grad if grad is not None else start[name]
+        for name, grad in zip(params, grads, strict=True)
+    }
+
+
 def assert_adapter_folder(folder: Path, model) -> dict[str, torch.Tensor]:
     """The folder holds goat_config.json and goat_adapter.safetensors, no full weights, no base tensors."""
     files = set(os.listdir(folder))
