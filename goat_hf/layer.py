@@ -109,6 +109,7 @@ class GoatLinear(nn.Module):
             if self.routing is not None:  # nn.Module.__setattr__ costs a few µs a token otherwise
                 self.routing = None
             return self._inference_forward(x)
+        self._require_fp32_adapter()
         result = (
             None if not with_dropout and self._base_fuses(self.base_layer, x) else self.base_layer(x)
         )  # None: W0 x fused
@@ -122,6 +123,22 @@ class GoatLinear(nn.Module):
         if result is None or result.dtype == torch.float32:
             return out.view(*tokens_shape, self.out_features)
         return result + out.view(result.shape).to(result.dtype)
+
+    def train(self, mode: bool = True) -> GoatLinear:
+        self._inference_cache = None  # a safe point to rebuild it (see _inference_weights)
+        return super().train(mode)
+
+    def _require_fp32_adapter(self) -> None:
+        """Training (and recording routing) runs the experts and router in fp32 (DESIGN §2); `model.to(dtype)` casts
+        them too, and the fused Function would then fail on a matmul of mixed dtypes."""
+        adapter = (self.expert_A, self.expert_B, self.router.weight)
+        dtype = next((p.dtype for p in adapter if p.dtype != torch.float32), None)
+        if dtype is not None:
+            raise RuntimeError(
+                f"GOAT's experts and router are {dtype} here (model.to(dtype) casts them with the base); GOAT trains "
+                "them in fp32. Call goat_hf.keep_goat_in_fp32(model) after casting the model. (Inference accepts "
+                "them as they are.)"
+            )
 
     def _fused(self, x: torch.Tensor, result: torch.Tensor | None) -> tuple:
         """The fused Function; W0 x + b is computed inside it when `result` is None (see `forward`)."""
@@ -168,21 +185,28 @@ class GoatLinear(nn.Module):
         base = self._modules["base_layer"]
         if self._base_fuses(base, x):
             params = base._parameters
-            out = fused_base_forward(tokens, params["weight"], params["bias"], weights)
+            out = fused_base_forward(tokens, params["weight"], params["bias"], weights, self.top_k)
             return out.view(*x.shape[:-1], out.shape[1])
         result = base(x)
         with torch.autocast(x.device.type, enabled=False):
-            delta = adapter_delta(tokens.to(torch.float32), weights)
+            delta = adapter_delta(tokens.to(torch.float32), weights, self.top_k)
         return result + delta.view(result.shape).to(result.dtype)
 
     def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The inference forward under torch.compile: from the factors themselves (see decode.factored_forward)."""
+        """The inference forward under torch.compile: from the factors themselves (see decode.factored_forward),
+        rounded as the eager forward rounds (a half base's output plus the adapter's, rounded once to its dtype)."""
         weights = (self.router.weight, self.expert_A, self.expert_B, self.residual_A, self.residual_B)
         result = self.base_layer(x)
         with torch.autocast(x.device.type, enabled=False):
-            tokens, out = x.reshape(-1, self.in_features).float(), result.reshape(-1, self.out_features).float()
-            out = factored_forward(tokens, out, *weights, self.scaling, self.correction, self.top_k)
-        return out.view(result.shape).to(result.dtype)
+            tokens = x.reshape(-1, self.in_features).float()
+            if result.dtype == torch.float32:
+                out = factored_forward(tokens, result.reshape(-1, self.out_features), *weights, *self._scalars())
+                return out.view(result.shape)
+            delta = factored_forward(tokens, None, *weights, *self._scalars())
+        return result + delta.view(result.shape).to(result.dtype)
+
+    def _scalars(self) -> tuple[float, float, int]:
+        return self.scaling, self.correction, self.top_k
 
     def _prepared_forward(self, x: torch.Tensor) -> torch.Tensor:
         prepared = self.prepared
@@ -198,17 +222,19 @@ class GoatLinear(nn.Module):
             )
         tokens = x.reshape(-1, x.shape[-1])  # [T, n]
         if prepared.stacked is not None and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
-            out = stacked_forward(tokens, prepared)
+            out = stacked_forward(tokens, prepared, self.top_k)
             return out.view(*x.shape[:-1], out.shape[1])
         result = self._modules["base_layer"](x)  # W_res x + b
         with torch.autocast(x.device.type, enabled=False):
-            delta = adapter_delta(tokens.to(torch.float32), prepared)
+            delta = adapter_delta(tokens.to(torch.float32), prepared, self.top_k)
         return result + delta.view(result.shape).to(result.dtype)
 
     def _inference_weights(self) -> InferenceWeights:
         """The stacked weights, kept between no-grad forwards (evaluation, generate) while no weight changed: the
-        key holds each tensor's storage and version counter, which any in-place update (an optimizer step,
-        load_state_dict, `param.data = ...`, `.to()`) changes."""
+        key holds each tensor's address and version counter, which any in-place update (an optimizer step,
+        load_state_dict) or replacement (`param.data = ...`, `.to()`) changes; the cache holds the tensors it was
+        built from, so no new tensor can take their addresses. Writes through another tensor that shares a
+        parameter's storage (after `param.data = t`, writing to t) are not seen: `train()`/`eval()` drop the cache."""
         params, buffers = self._parameters, self._buffers
         router, A, B = self._modules["router"]._parameters["weight"], params["expert_A"], params["expert_B"]
         A0, B0 = buffers["residual_A"], buffers["residual_B"]
@@ -217,7 +243,7 @@ class GoatLinear(nn.Module):
             key += (A0.data_ptr(), A0._version, B0.data_ptr(), B0._version, self.init_cof)
         cache = self._inference_cache
         if cache is None or cache.key != key:
-            cache = inference_weights(router, A, B, A0, B0, self.scaling, self.correction, self.top_k, key)
+            cache = inference_weights(router, A, B, A0, B0, self.scaling, self.correction, key)
             self._inference_cache = cache
         return cache
 

@@ -237,11 +237,13 @@ def trainer_accepts_quantized_base(model: nn.Module) -> Iterator[None]:
 
 
 def keep_goat_in_fp32(model: nn.Module) -> None:
-    """Cast the experts and routers back to fp32 (DESIGN §2), e.g. after TRL cast a quantized model's trainable
-    parameters to bf16, as QLoRA does for LoRA."""
+    """Cast the experts, routers and frozen residual factors back to fp32 (DESIGN §2): after `model.to(dtype)`,
+    which casts them with the base, or after TRL cast a quantized model's trainable parameters to bf16, as QLoRA
+    does for LoRA. Training refuses non-fp32 experts; inference computes them in fp32 as they are."""
     for layer in goat_layers(model).values():
-        for param in (layer.expert_A, layer.expert_B, layer.router.weight):
-            param.data = param.data.to(torch.float32)
+        for tensor in (layer.expert_A, layer.expert_B, layer.router.weight, layer.residual_A, layer.residual_B):
+            if tensor is not None:
+                tensor.data = tensor.data.to(torch.float32)
 
 
 @contextlib.contextmanager

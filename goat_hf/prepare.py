@@ -36,7 +36,7 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
     state.prepared_base = fingerprint_record(base_tensors(model))  # of W0: what the adapter was trained on
     model.eval()
     for layer in layers.values():
-        layer.prepared = _fold(layer)
+        layer.prepared = fold_for_serving(layer)
         layer.base_layer.register_state_dict_pre_hook(_refuse_base_weights)
         layer.requires_grad_(False)
     return model
@@ -48,23 +48,22 @@ def is_prepared(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _fold(layer: GoatLinear) -> InferenceWeights:
+def fold_for_serving(layer: GoatLinear) -> InferenceWeights:
+    """One layer's serving weights: W0 becomes W_res, in place (a fp32 base shares one buffer with [W_r; A])."""
     base, m = layer.base_layer, layer.out_features
     W_res = base.weight.float()
     if layer.residual_A is not None:
         W_res = W_res.addmm(layer.residual_B, layer.residual_A, alpha=layer.correction)  # W0 - c·s·B0 A0
-    weights = inference_weights(
-        layer.router.weight, layer.expert_A, layer.expert_B, None, None, layer.scaling, 0.0, layer.top_k
-    )
+    weights = inference_weights(layer.router.weight, layer.expert_A, layer.expert_B, None, None, layer.scaling, 0.0)
     if base.weight.dtype != torch.float32:  # a half base: W_res rounded to its dtype, the adapter kept in fp32
         base.weight.copy_(W_res.to(base.weight.dtype))
         return weights
-    E, r = weights.sizes
+    E, r = weights.num_experts, weights.expert_columns
     weights.stacked = torch.cat([W_res, weights.projection])  # [m + E + r, n]
     base.weight.data = weights.stacked[:m]  # W0's storage is released: no second copy of the base
     if base.bias is not None:
         weights.stacked_bias = torch.cat([base.bias, base.bias.new_zeros(E + r)])
-    weights.stacked_up_t, weights.stacked_sizes = weights.up_t[E:], (m, E, r)
+    weights.stacked_sizes = (m, E, r)
     return weights
 
 

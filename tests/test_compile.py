@@ -16,8 +16,8 @@ CONFIG = GoatConfig(r=8, num_experts=4, top_k=2)
 IDS = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
-def trained_llama() -> torch.nn.Module:
-    return train_like_(get_goat_model(tiny_llama(), CONFIG)).eval()
+def trained_llama(config: GoatConfig = CONFIG, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    return train_like_(get_goat_model(tiny_llama().to(dtype), config)).eval()
 
 
 @pytest.fixture(autouse=True)
@@ -33,14 +33,31 @@ def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("prepared", [False, True], ids=["default", "prepared"])
-def test_compiled_forward_is_one_graph_with_the_eager_outputs(prepared):
-    model = trained_llama()
+CASES = {
+    "default": (CONFIG, False),
+    "prepared": (CONFIG, True),
+    "zero-init": (GoatConfig(r=8, num_experts=4, top_k=2, init="zero"), False),
+    "top-k-is-E": (GoatConfig(r=8, num_experts=4, top_k=4), False),
+}
+
+
+@pytest.mark.parametrize(("config", "prepared"), CASES.values(), ids=CASES.keys())
+def test_compiled_forward_is_one_graph_with_the_eager_outputs(config, prepared):
+    model = trained_llama(config)
     if prepared:
         prepare_for_inference(model)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad():
         assert_logits_close(compiled(IDS).logits, model(IDS).logits)
+
+
+def test_compiled_forward_on_a_bf16_base_rounds_as_eager_does():
+    """A half base's output plus the adapter's fp32 delta, rounded once to bf16, in both forwards: bit for bit (the
+    bug: adding the delta to the base output in fp32 and rounding the sum, a different bf16 number)."""
+    model = trained_llama(dtype=torch.bfloat16)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(IDS).logits, model(IDS).logits)
 
 
 def test_compiled_forward_sees_weight_changes():

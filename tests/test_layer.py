@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from conftest import perturb_, plain_linear_forward, reference_goat_forward, svd_residual
 from torch import nn
 
-from goat_hf import GoatConfig, GoatLinear, disable_goat
+from goat_hf import GoatConfig, GoatLinear, disable_goat, keep_goat_in_fp32
 from goat_hf.config import INIT_MODES
 from goat_hf.fused import FusedGoatFunction
+from goat_hf.prepare import fold_for_serving
 
 N_IN, N_OUT = 48, 40  # n = in_features, m = out_features; h = min = 40
 
@@ -369,3 +370,56 @@ def test_no_grad_forwards_follow_every_weight_change():
         reloaded = layer(x)
     torch.testing.assert_close(reloaded, layer(x).detach(), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(changed, reloaded)
+
+
+def test_no_grad_forwards_follow_top_k_and_replaced_tensors():
+    """What the cache key must also see: a new top_k (judged by the loop reference) and a parameter whose tensor is
+    replaced (`param.data = t` keeps the version counter; a freed address may come back for the next tensor)."""
+    layer = trained_like(make_layer("goat", 8, 1)).eval()
+    x = torch.randn(5, N_IN)
+    with torch.no_grad():
+        layer(x)
+        layer.top_k = 8
+        y = layer(x)
+    y_ref, _ = reference_goat_forward(layer, x, svd_residual(layer.base_layer.weight, layer_config("goat", 8, 1)))
+    assert_output_matches_reference(layer, x, y, y_ref.detach(), torch.float32)
+    with torch.no_grad():
+        layer.expert_B.data = torch.zeros_like(layer.expert_B)
+        layer.expert_B.data = torch.full_like(layer.expert_B, 0.5)
+        replaced = layer(x)
+    torch.testing.assert_close(replaced, layer(x).detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("prepared", [False, True], ids=["default", "prepared"])
+def test_a_minus_inf_logit_is_never_picked_and_never_reaches_the_output(prepared):
+    """A router row that overflows to a -inf logit: that expert is never picked, as in the training forward; the
+    inference forward must not multiply the logits by anything (0 · -inf = NaN)."""
+    layer = trained_like(make_layer("goat", 8, 2)).eval()
+    x = torch.ones(3, N_IN)
+    with torch.no_grad():
+        layer.router.weight[0] = -1e38
+        assert layer.router(x)[:, 0].eq(float("-inf")).all()
+    training = layer(x).detach()
+    if prepared:
+        layer.prepared = fold_for_serving(layer)
+    with torch.no_grad():
+        y = layer(x)
+    assert training.isfinite().all()
+    torch.testing.assert_close(y, training, rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_cast_with_the_base_serves_but_refuses_to_train():
+    """model.to(bf16) casts the experts and router too: inference folds them in fp32 (the same numbers as after
+    keep_goat_in_fp32), training says what to do instead of failing on a matmul of mixed dtypes."""
+    layer = trained_like(make_layer("goat", 8, 2, torch.bfloat16)).eval().to(torch.bfloat16)
+    x = torch.randn(4, N_IN, dtype=torch.bfloat16)
+    assert layer.expert_A.dtype == torch.bfloat16
+    with torch.no_grad():
+        cast = layer(x)
+    with pytest.raises(RuntimeError, match=r"torch.bfloat16 here .*keep_goat_in_fp32\(model\)"):
+        layer(x)
+    keep_goat_in_fp32(layer)
+    assert {t.dtype for t in (layer.expert_A, layer.router.weight, layer.residual_B)} == {torch.float32}
+    with torch.no_grad():
+        assert torch.equal(layer(x), cast)
+    assert layer(x).dtype == torch.bfloat16  # and it trains again
