@@ -1,16 +1,20 @@
 """The inference forward of a GOAT layer: the fewest PyTorch operations the maths allows.
 
-Decoding runs one token per sequence through ~200 layers, so a GOAT layer's cost there is its count of operations
-and of Python attribute lookups, not its arithmetic (a dozen small ops per layer made a SmolLM2-135M token 1.5x a
-merged LoRA's on CPU). Without autograd nothing has to be kept for a backward, so the layer is, for tokens x [T, n]:
+Decoding runs one token per sequence through ~200 layers, so a GOAT layer's cost there is its count of operations,
+not its arithmetic: each small op costs a few µs of dispatch, more when the frozen matmul before it has just streamed
+megabytes of weights through the caches (a dozen small ops per layer made a SmolLM2-135M token 1.5x a merged LoRA's on
+CPU). Without autograd nothing has to be kept for a backward, so the layer is, for tokens x [T, n]:
 
-    hidden = [W_r; A; -c·s·A0] x              one matmul: router logits | expert activations | residual activations
-    g      = softmax(top-k logits, -inf elsewhere)       the renormalised top-k weights, zero off the top-k
-    y      = W0 x + b + [s·B | B0] (g ⊙ hidden[E:])      expert j's d columns scaled by g_j, in place; one addmm
+    logits = x W_rᵀ                                   [T, E]
+    low    = x [A; -c·s·A0]ᵀ                          [T, r (+ r)]  expert activations | residual activations
+    g      = softmax(top-k logits, -inf elsewhere)    the renormalised top-k weights, zero off the top-k
+    y      = W0 x + b + (g ⊙ low) [s·B | B0]ᵀ         expert j's d columns of low scaled by g_j, in place; one addmm
 
 s is folded into B and -c·s into A0 once per weight change (the layer caches an `InferenceWeights`), so the routing
-weights are a plain softmax. After `prepare_for_inference` W0 itself holds W_res = W0 - c·s·B0 A0 and shares one
-buffer with [W_r; A] (`stacked`), so a fp32 layer is one matmul in and one addmm out.
+weights are a plain softmax. The factors are kept transposed and contiguous: two small `mm`s cost less than one
+matmul of x with [W_r; A] split in two (a `split` is an op of its own), and far less than stacking them under W0
+(measured: a matmul of W0 with 16 extra rows ran up to 20 µs slower per layer than W0's). After
+`prepare_for_inference` W0 itself holds W_res = W0 - c·s·B0 A0 and the residual's columns are gone.
 """
 
 from __future__ import annotations
@@ -23,20 +27,15 @@ import torch.nn.functional as F
 
 @dataclass(slots=True, eq=False)
 class InferenceWeights:
-    """A layer's adapter stacked for inference; `key` says which weight versions it was built from."""
+    """A layer's adapter folded for inference; `key` says which weight versions it was built from."""
 
-    projection: torch.Tensor  # [E + r (+ r), n] fp32 [W_r; A (; -c·s·A0)]
+    router_t: torch.Tensor  # [n, E] fp32 W_rᵀ
+    down_t: torch.Tensor  # [n, r (+ r)] fp32 [A; -c·s·A0]ᵀ
     up_t: torch.Tensor  # [r (+ r), m] fp32 [s·B | B0]ᵀ
-    num_experts: int  # E: hidden's first E columns are the router logits
-    expert_columns: int  # r: the next r are the experts' activations, gated; the residual's r (if any) follow
+    expert_columns: int  # r: down_t's first r columns are the experts', gated; the residual's r (if any) follow
     key: tuple | None = None  # None: prepared (never rebuilt)
     # the tensors the key was read from: held so that no other tensor can take their addresses while the key lives
     sources: tuple[torch.Tensor, ...] = ()
-    # prepare_for_inference on a fp32 base: [W_res; W_r; A] ([m + E + r, n], W0's storage is its first m rows), its
-    # bias [b; 0] (or None) and the column groups (m, E, r) of its output; up_t is then (s·B)ᵀ
-    stacked: torch.Tensor | None = None
-    stacked_bias: torch.Tensor | None = None
-    stacked_sizes: tuple[int, int, int] | None = None
 
 
 def top_k_gates(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -63,46 +62,39 @@ def inference_weights(
     correction: float,
     key: tuple | None = None,
 ) -> InferenceWeights:
-    """[W_r; A; correction·A0] and [s·B | B0]ᵀ, folded in fp32 whatever the factors' dtype; without residual
-    factors [W_r; A] and (s·B)ᵀ."""
+    """W_rᵀ, [A; correction·A0]ᵀ and [s·B | B0]ᵀ, folded in fp32 whatever the factors' dtype; without residual
+    factors Aᵀ and (s·B)ᵀ."""
     with torch.no_grad():
-        ups = [expert_B.float() * scaling]
-        downs = [router_weight.float(), expert_A.float()]
+        ups, downs = [expert_B.float() * scaling], [expert_A.float()]
         if residual_A is not None:
             ups.append(residual_B.float())
             downs.append(residual_A.float() * correction)
-        projection, up_t = torch.cat(downs), torch.cat(ups, dim=1).T.contiguous()
+        router_t = router_weight.float().T.contiguous()
+        down_t, up_t = torch.cat(downs).T.contiguous(), torch.cat(ups, dim=1).T.contiguous()
     sources = tuple(t.detach() for t in (router_weight, expert_A, expert_B, residual_A, residual_B) if t is not None)
-    return InferenceWeights(projection, up_t, router_weight.shape[0], expert_A.shape[0], key, sources)
+    return InferenceWeights(router_t, down_t, up_t, expert_A.shape[0], key, sources)
 
 
-def gated_low_rank(hidden: torch.Tensor, w: InferenceWeights, top_k: int) -> torch.Tensor:
-    """hidden [T, E + r (+ r)] -> its [T, r (+ r)] low-rank columns, the experts' gated in place. The logits stay
-    out of the up-projection (a -inf logit times a zero would be NaN)."""
-    logits, low_rank = hidden.split((w.num_experts, hidden.shape[1] - w.num_experts), 1)
-    experts = low_rank if low_rank.shape[1] == w.expert_columns else low_rank[:, : w.expert_columns]
-    gate_experts_(experts, top_k_gates(logits, top_k))
-    return low_rank
+def gated_low_rank(tokens: torch.Tensor, w: InferenceWeights, top_k: int) -> torch.Tensor:
+    """fp32 tokens [T, n] -> their [T, r (+ r)] low-rank activations, the experts' gated in place. The logits come
+    from a matmul of their own and never meet the up-projection (a -inf logit times a zero would be NaN)."""
+    low = torch.mm(tokens, w.down_t)
+    experts = low if low.shape[1] == w.expert_columns else low[:, : w.expert_columns]
+    gate_experts_(experts, top_k_gates(torch.mm(tokens, w.router_t), top_k))
+    return low
 
 
 def adapter_delta(tokens: torch.Tensor, w: InferenceWeights, top_k: int) -> torch.Tensor:
     """The adapter's [T, m] output for fp32 tokens [T, n] (the residual included when `w` carries it)."""
-    return gated_low_rank(F.linear(tokens, w.projection), w, top_k) @ w.up_t
+    return torch.mm(gated_low_rank(tokens, w, top_k), w.up_t)
 
 
 def fused_base_forward(
     tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w: InferenceWeights, top_k: int
 ) -> torch.Tensor:
-    """W0 x + b plus the adapter for fp32 tokens [T, n] and a plain fp32 base: two matmuls and an addmm."""
-    out = F.linear(tokens, weight, bias)  # [T, m]
-    return out.addmm_(gated_low_rank(F.linear(tokens, w.projection), w, top_k), w.up_t)
-
-
-def stacked_forward(tokens: torch.Tensor, w: InferenceWeights, top_k: int) -> torch.Tensor:
-    """A prepared fp32 layer: [W_res; W_r; A] x + [b; 0] in one matmul, then one addmm with (s·B)ᵀ."""
-    base, logits, experts = F.linear(tokens, w.stacked, w.stacked_bias).split(w.stacked_sizes, 1)
-    gate_experts_(experts, top_k_gates(logits, top_k))
-    return torch.addmm(base, experts, w.up_t)
+    """W0 x + b plus the adapter for fp32 tokens [T, n] and a plain fp32 base: three matmuls and an addmm."""
+    low = gated_low_rank(tokens, w, top_k)
+    return F.linear(tokens, weight, bias).addmm_(low, w.up_t)
 
 
 def factored_forward(

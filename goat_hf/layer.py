@@ -16,7 +16,6 @@ from .decode import (
     factored_forward,
     fused_base_forward,
     inference_weights,
-    stacked_forward,
 )
 from .fused import FusedGoatFunction, fused_forward, routing_gates, small_softmax, stacked_weights
 from .init import scaled_expert_factors
@@ -176,11 +175,14 @@ class GoatLinear(nn.Module):
 
         This runs ~200 times per generated token: submodules and parameters are read from the module's dicts
         (nn.Module.__getattr__ costs ~1 µs a lookup, as much as a small op)."""
-        if self.prepared is not None:
-            return self._prepared_forward(x)
-        if torch.compiler.is_compiling():
+        prepared = self.prepared
+        if prepared is not None:
+            self._check_prepared_call(prepared, x)
+            weights = prepared
+        elif torch.compiler.is_compiling():
             return self._traced_forward(x)
-        weights = self._inference_weights()
+        else:
+            weights = self._inference_weights()
         tokens = x.reshape(-1, x.shape[-1])  # [T, n]
         base = self._modules["base_layer"]
         if self._base_fuses(base, x):
@@ -208,8 +210,7 @@ class GoatLinear(nn.Module):
     def _scalars(self) -> tuple[float, float, int]:
         return self.scaling, self.correction, self.top_k
 
-    def _prepared_forward(self, x: torch.Tensor) -> torch.Tensor:
-        prepared = self.prepared
+    def _check_prepared_call(self, prepared: InferenceWeights, x: torch.Tensor) -> None:
         if self.training and torch.is_grad_enabled() or self.record_routing:
             raise RuntimeError(
                 "This model was prepared for serving: prepare_for_inference folded the frozen residual into W0, so it "
@@ -220,17 +221,9 @@ class GoatLinear(nn.Module):
                 f"This layer was prepared for serving on {prepared.up_t.device} and got input on {x.device}; call "
                 "prepare_for_inference after moving the model, on a model loaded anew."
             )
-        tokens = x.reshape(-1, x.shape[-1])  # [T, n]
-        if prepared.stacked is not None and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
-            out = stacked_forward(tokens, prepared, self.top_k)
-            return out.view(*x.shape[:-1], out.shape[1])
-        result = self._modules["base_layer"](x)  # W_res x + b
-        with torch.autocast(x.device.type, enabled=False):
-            delta = adapter_delta(tokens.to(torch.float32), prepared, self.top_k)
-        return result + delta.view(result.shape).to(result.dtype)
 
     def _inference_weights(self) -> InferenceWeights:
-        """The stacked weights, kept between no-grad forwards (evaluation, generate) while no weight changed: the
+        """The folded weights, kept between no-grad forwards (evaluation, generate) while no weight changed: the
         key holds each tensor's address and version counter, which any in-place update (an optimizer step,
         load_state_dict) or replacement (`param.data = ...`, `.to()`) changes; the cache holds the tensors it was
         built from, so no new tensor can take their addresses. Writes through another tensor that shares a

@@ -2,10 +2,9 @@
 
 The default inference path (goat_hf/decode.py) keeps W0 untouched, so the adapter can still be switched off, unloaded
 or trained. A served model needs none of that: W0 can hold W_res = W0 - c·s·B0 A0 (the residual's 2r columns leave
-every token's arithmetic) and, for a fp32 base, share one buffer with the router and the experts' A so that a layer
-is one matmul in and one addmm out. What needs W0 (disable_goat, unload_goat, saving the base weights, training)
-refuses from then on, with a message that says why. The adapter still saves exactly: its tensors are untouched, and
-the base fingerprint it records is the one taken before the fold.
+every token's arithmetic), written over W0 in place: no second copy of the base. What needs W0 (disable_goat,
+unload_goat, saving the base weights, training) refuses from then on, with a message that says why. The adapter still
+saves exactly: its tensors are untouched, and the base fingerprint it records is the one taken before the fold.
 """
 
 from __future__ import annotations
@@ -49,22 +48,12 @@ def is_prepared(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def fold_for_serving(layer: GoatLinear) -> InferenceWeights:
-    """One layer's serving weights: W0 becomes W_res, in place (a fp32 base shares one buffer with [W_r; A])."""
-    base, m = layer.base_layer, layer.out_features
-    W_res = base.weight.float()
+    """One layer's serving weights: W0 becomes W_res in place (rounded to W0's dtype; the adapter stays fp32)."""
+    weight = layer.base_layer.weight
     if layer.residual_A is not None:
-        W_res = W_res.addmm(layer.residual_B, layer.residual_A, alpha=layer.correction)  # W0 - c·s·B0 A0
-    weights = inference_weights(layer.router.weight, layer.expert_A, layer.expert_B, None, None, layer.scaling, 0.0)
-    if base.weight.dtype != torch.float32:  # a half base: W_res rounded to its dtype, the adapter kept in fp32
-        base.weight.copy_(W_res.to(base.weight.dtype))
-        return weights
-    E, r = weights.num_experts, weights.expert_columns
-    weights.stacked = torch.cat([W_res, weights.projection])  # [m + E + r, n]
-    base.weight.data = weights.stacked[:m]  # W0's storage is released: no second copy of the base
-    if base.bias is not None:
-        weights.stacked_bias = torch.cat([base.bias, base.bias.new_zeros(E + r)])
-    weights.stacked_sizes = (m, E, r)
-    return weights
+        W_res = weight.float().addmm(layer.residual_B, layer.residual_A, alpha=layer.correction)  # W0 - c·s·B0 A0
+        weight.copy_(W_res)
+    return inference_weights(layer.router.weight, layer.expert_A, layer.expert_B, None, None, layer.scaling, 0.0)
 
 
 def _check_plain_base(name: str, base: nn.Module) -> None:

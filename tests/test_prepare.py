@@ -45,7 +45,7 @@ def test_prepared_layer_matches_per_expert_reference(init, num_experts, top_k, b
     W_res = svd_residual(layer.base_layer.weight, layer_config(init, num_experts, top_k))
     y_ref, _ = reference_goat_forward(layer, x, W_res)
     prepared_layer_model(layer)
-    assert layer.prepared.stacked is not None  # the fp32 one-matmul path, not the fallback
+    torch.testing.assert_close(layer.base_layer.weight, W_res.float())  # folded: the residual is no longer computed
     with torch.no_grad():
         y = layer(x)
     torch.testing.assert_close(y, y_ref.detach().float(), rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
@@ -58,7 +58,7 @@ def test_prepared_half_base_stays_within_half_rounding_of_the_unprepared_layer()
         before = layer(x).float()
         prepared_layer_model(layer)
         after = layer(x).float()
-    assert layer.prepared.stacked is None and layer.base_layer.weight.dtype == torch.bfloat16
+    assert layer.base_layer.weight.dtype == torch.bfloat16
     torch.testing.assert_close(after, before, rtol=2**-6, atol=2**-6 * before.abs().max().item())
 
 
@@ -67,7 +67,11 @@ def trained_llama() -> nn.Module:
 
 
 def test_prepared_model_keeps_its_greedy_tokens_and_logits():
-    model, prepared = trained_llama(), prepare_for_inference(trained_llama())
+    model, prepared = trained_llama(), trained_llama()
+    storages = {
+        name: layer.base_layer.weight.untyped_storage().data_ptr() for name, layer in goat_layers(prepared).items()
+    }
+    prepare_for_inference(prepared)
     ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(ids).logits
@@ -76,9 +80,8 @@ def test_prepared_model_keeps_its_greedy_tokens_and_logits():
         assert torch.equal(
             prepared.generate(ids, do_sample=False, max_new_tokens=12, min_new_tokens=12, pad_token_id=0), tokens
         )
-    for layer in goat_layers(prepared).values():  # W0's storage is the stacked buffer: no second copy of the base
-        weight = layer.base_layer.weight
-        assert weight.untyped_storage().data_ptr() == layer.prepared.stacked.untyped_storage().data_ptr()
+    for name, layer in goat_layers(prepared).items():  # W_res is written over W0: no second copy of the base
+        assert layer.base_layer.weight.untyped_storage().data_ptr() == storages[name]
 
 
 def test_prepared_model_refuses_what_needs_W0(tmp_path):
