@@ -404,8 +404,9 @@ def print_against_baselines(metrics: dict, raw: DatasetDict, lora_metrics: dict 
     key = next((k for k in ("eval_accuracy", "eval_matthews_correlation", "eval_pearson") if k in metrics), None)
     if key is None or "validation" not in raw:
         return
-    floor = majority_rate(raw["validation"]["label"])
-    line = f"Held-out {key.removeprefix('eval_')} on {len(raw['validation'])} validation rows: GOAT {metrics[key]:.3f}"
+    labels = raw["validation"]["label"][: metrics.get("eval_samples")]  # the rows evaluated (--max_eval_samples)
+    floor = majority_rate(labels)
+    line = f"Held-out {key.removeprefix('eval_')} on {len(labels)} validation rows: GOAT {metrics[key]:.3f}"
     if lora_metrics:
         line += f" | LoRA (PEFT, same total rank) {lora_metrics[key]:.3f}"
     print(line + (f" | majority class {floor:.3f}" if key == "eval_accuracy" else ""))

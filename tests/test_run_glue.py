@@ -205,3 +205,15 @@ def test_the_offline_default_records_the_bundled_base_by_its_hub_id(run_glue, tm
     get_goat_model(model, GoatConfig(r=4, num_experts=2, top_k=1))
     recorded = adapter_metadata(model)["base_model"]["name_or_path"]
     assert recorded == MINILM_HUB_ID == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_the_printed_line_counts_the_rows_evaluated(tmp_path, tiny_bert, run_glue, capsys):
+    """--max_eval_samples 5: the line names 5 rows and the majority rate of those 5, not of the whole split."""
+    run_glue.main([
+        *common_args(tiny_bert, tmp_path / "out"), "--offline_task", "synthetic_sentiment",
+        "--synthetic_train_samples", "32", "--max_eval_samples", "5",
+    ])  # fmt: skip
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("Held-out accuracy"))
+    labels = run_glue.synthetic_sentiment(train_samples=32)["validation"]["label"][:5]
+    majority = max(labels.count(label) for label in set(labels)) / 5
+    assert re.fullmatch(rf"Held-out accuracy on 5 validation rows: GOAT \S+ \| majority class {majority:.3f}", line)

@@ -1,0 +1,102 @@
+"""What one decoded token costs per adapted layer: GOAT vs PEFT LoRA vs the merged Linear, layer by layer.
+
+Why: issue 24 asks, where the decode goals are not met, what remains per layer. bench_decode.py times whole tokens;
+this times the layers alone, as a decode step meets them: SmolLM2-135M's seven adapted shapes per block (q, k, v, o,
+gate, up, down), six blocks in a row so that the frozen weights stream through the caches between the small ops as
+they do in the model (each op then costs more than in a hot loop), one token per sequence, no_grad, one thread.
+Each variant is the real module: nn.Linear ("merged": what a merged LoRA costs), a PEFT LoRA layer (r = 8, unmerged),
+GoatLinear on its default inference path and after prepare_for_inference (E = 8, top-2, r = 8). Variants alternate
+round by round; medians. The layers' weights are random (the timings depend on shapes only).
+
+    python benchmarks/bench_decode_layers.py --out benchmarks/results/bench_decode_layers_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from goat_hf import GoatConfig, GoatLinear
+from goat_hf.prepare import fold_for_serving
+
+SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]  # SmolLM2-135M
+GOAT = GoatConfig(r=8, num_experts=8, top_k=2, target_modules="all-linear", seed=1)
+
+
+def build_layers(blocks: int) -> dict[str, list[nn.Module]]:
+    torch.manual_seed(0)
+    merged = [nn.Linear(n, m, bias=False).requires_grad_(False) for n, m in SHAPES * blocks]
+    goat = [GoatLinear.from_linear(copy.deepcopy(lin), GOAT).eval().requires_grad_(False) for lin in merged]
+    prepared = [GoatLinear.from_linear(copy.deepcopy(lin), GOAT).eval().requires_grad_(False) for lin in merged]
+    for layer in prepared:
+        layer.prepared = fold_for_serving(layer)  # what prepare_for_inference does to each layer of a model
+    holder = nn.ModuleDict({str(i): copy.deepcopy(lin) for i, lin in enumerate(merged)})
+    lora = get_peft_model(holder, LoraConfig(r=GOAT.r, lora_alpha=2 * GOAT.r, target_modules=list(holder))).eval()
+    lora_layers = [lora.base_model.model[str(i)] for i in range(len(merged))]
+    return {"merged": merged, "lora": lora_layers, "goat": goat, "goat prepared": prepared}
+
+
+def chain(layers: list[nn.Module], inputs: dict[int, torch.Tensor]) -> Callable[[], None]:
+    def run() -> None:
+        for layer in layers:
+            layer(inputs[layer.in_features])
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--blocks", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=31)
+    parser.add_argument("--calls", type=int, default=10, help="passes over the chain per timed round")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    variants = build_layers(args.blocks)
+    count = len(SHAPES) * args.blocks
+    results = {}
+    for batch in args.batch_sizes:
+        inputs = {n: torch.randn(batch, 1, n) for n in {n for n, _ in SHAPES}}
+        runs = {name: chain(layers, inputs) for name, layers in variants.items()}
+        times = {name: [] for name in runs}
+        with torch.no_grad():
+            for run in runs.values():
+                run()
+            for _ in range(args.rounds):
+                for name, run in runs.items():
+                    start = time.perf_counter()
+                    for _ in range(args.calls):
+                        run()
+                    times[name].append((time.perf_counter() - start) / args.calls / count * 1e6)
+        us = {name: statistics.median(values) for name, values in times.items()}
+        results[str(batch)] = {"us_per_layer": us, "over_merged": {n: us[n] - us["merged"] for n in us}}
+    lines = [
+        f"Per adapted layer, one decode step (SmolLM2-135M shapes x {args.blocks} blocks, fp32, CPU, 1 thread, "
+        f"median of {args.rounds} alternating rounds), µs:",
+        "",
+        "| batch | merged | PEFT LoRA (+ over merged) | GOAT (+) | GOAT prepared (+) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for batch, result in results.items():
+        us, extra = result["us_per_layer"], result["over_merged"]
+        cells = [f"{us['merged']:.1f}"] + [f"{us[n]:.1f} (+{extra[n]:.1f})" for n in ("lora", "goat", "goat prepared")]
+        lines.append(f"| {batch} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        record = {"settings": vars(args) | {"out": None}, "torch": torch.__version__, "results": results, "table": text}
+        args.out.write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
