@@ -71,7 +71,7 @@ def build_variants(args: argparse.Namespace) -> dict[str, nn.Module]:
             model.generation_config.cache_implementation = "static"
             # fullgraph: a graph break fails the run. cpp_wrapper: inductor's default Python wrapper makes one Python
             # call per kernel, the per-op overhead that decoding on a CPU is made of (on CUDA, CUDA graphs remove it)
-            options = {"cpp_wrapper": True} if args.device == "cpu" else None
+            options = {"cpp_wrapper": True} if args.device == "cpu" and args.cpp_wrapper else None
             compile_config = CompileConfig(fullgraph=True, mode=None if options else "reduce-overhead", options=options)
             compile_config._compile_all_devices = True  # generate compiles on CUDA only, unless told (a class flag)
             model.generation_config.compile_config = compile_config
@@ -121,7 +121,8 @@ def ratio(result: dict, num: str, den: str) -> float | None:
 
 def report(args: argparse.Namespace, results: dict[int, dict]) -> str:
     names = list(results[args.batch_sizes[0]]["ms_per_token"])
-    mode = "torch.compile + static cache" if args.compile else "eager"
+    wrapper = " (C++ wrapper)" if args.cpp_wrapper and args.device == "cpu" else " (Python wrapper)"
+    mode = f"torch.compile{wrapper} + static cache" if args.compile else "eager"
     lines = [
         f"SmolLM2-135M-Instruct ({args.base} weights), {args.dtype}, {args.device} ({torch.get_num_threads()} "
         f"thread(s)), {mode}; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, KV cache; "
@@ -172,6 +173,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--compile", action="store_true", help="static KV cache and torch.compile of the decode step")
+    parser.add_argument(
+        "--python-wrapper",
+        dest="cpp_wrapper",
+        action="store_false",
+        help="with --compile on CPU: inductor's default Python wrapper (g++ -O3 of the C++ wrapper of a whole GOAT "
+        "decode graph ran over 40 min on a 2-core machine)",
+    )
     parser.add_argument("--out", type=Path)
     return parser.parse_args()
 
