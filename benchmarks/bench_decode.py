@@ -121,8 +121,9 @@ def ratio(result: dict, num: str, den: str) -> float | None:
 
 def report(args: argparse.Namespace, results: dict[int, dict]) -> str:
     names = list(results[args.batch_sizes[0]]["ms_per_token"])
-    wrapper = " (C++ wrapper)" if args.cpp_wrapper and args.device == "cpu" else " (Python wrapper)"
-    mode = f"torch.compile{wrapper} + static cache" if args.compile else "eager"
+    wrapper = "C++ wrapper" if args.cpp_wrapper else "Python wrapper"
+    compiled = wrapper if args.device == "cpu" else "reduce-overhead"  # the options build_variants gives
+    mode = f"torch.compile ({compiled}) + static cache" if args.compile else "eager"
     lines = [
         f"SmolLM2-135M-Instruct ({args.base} weights), {args.dtype}, {args.device} ({torch.get_num_threads()} "
         f"thread(s)), {mode}; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, KV cache; "

@@ -22,14 +22,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from bench_decode import GOAT
+from bench_model import RANDOM_BASE_CONFIG, lora_model
 from torch import nn
 
-from goat_hf import GoatConfig, GoatLinear
+from goat_hf import GoatLinear
 from goat_hf.prepare import fold_for_serving
 
-SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]  # SmolLM2-135M
-GOAT = GoatConfig(r=8, num_experts=8, top_k=2, target_modules="all-linear", seed=1)
+
+def block_shapes() -> list[tuple[int, int]]:
+    """(in, out) of q, k, v, o, gate, up, down in one SmolLM2-135M block, from its config."""
+    config = json.loads(RANDOM_BASE_CONFIG.read_text())
+    hidden, mlp = config["hidden_size"], config["intermediate_size"]
+    kv = config["num_key_value_heads"] * config["head_dim"]
+    return [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, mlp), (hidden, mlp), (mlp, hidden)]
+
+
+SHAPES = block_shapes()
 
 
 def build_layers(blocks: int) -> dict[str, list[nn.Module]]:
@@ -40,7 +49,7 @@ def build_layers(blocks: int) -> dict[str, list[nn.Module]]:
     for layer in prepared:
         layer.prepared = fold_for_serving(layer)  # what prepare_for_inference does to each layer of a model
     holder = nn.ModuleDict({str(i): copy.deepcopy(lin) for i, lin in enumerate(merged)})
-    lora = get_peft_model(holder, LoraConfig(r=GOAT.r, lora_alpha=2 * GOAT.r, target_modules=list(holder))).eval()
+    lora = lora_model(holder, list(holder), r=GOAT.r).eval()  # the PEFT config bench_decode's LoRA variant uses
     lora_layers = [lora.base_model.model[str(i)] for i in range(len(merged))]
     return {"merged": merged, "lora": lora_layers, "goat": goat, "goat prepared": prepared}
 
