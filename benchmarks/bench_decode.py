@@ -3,7 +3,7 @@
 Why: issue 24. A GOAT adapter can never be merged away (its routing is per token), so what one generated token costs
 is paid on every token a trained adapter ever serves. "merged" is the base alone: a merged LoRA costs exactly that.
 "goat" is the default inference path (eval, no_grad: goat_hf/decode.py), "goat prepared" the same adapter after
-`goat_hf.prepare_for_inference` (residual folded into W0, [W_res; W_r; A] in one buffer). GOAT: E = 8, top-2, r = 8 on
+`goat_hf.prepare_for_inference` (residual folded into W0 in place). GOAT: E = 8, top-2, r = 8 on
 every Linear but the head; LoRA: PEFT r = 8 on exactly the same modules. KV cache, greedy, `min_new_tokens` =
 `max_new_tokens` so every variant decodes the same count. The time per token is taken between the first and the last
 call of a logits processor (decode steps only, the prefill left out). Variants alternate within each round; each

@@ -41,7 +41,7 @@ def render() -> str:
             for name in COLUMNS:
                 cell = f"{ms[name]:.1f}" if name in ms else "n/a"
                 if name.startswith("goat") and name in ms:
-                    cell += f" ({paired_ratio(seconds, name, 'merged'):.2f}×)"
+                    cell += f" ({paired_ratio(seconds, name, 'merged'):.3f}×)"
                 cells.append(cell)
             lines.append(f"| {mode} | {batch} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -15,6 +15,10 @@ weights are a plain softmax. The factors are kept transposed and contiguous: two
 matmul of x with [W_r; A] split in two (a `split` is an op of its own), and far less than stacking them under W0
 (measured: a matmul of W0 with 16 extra rows ran up to 20 µs slower per layer than W0's). After
 `prepare_for_inference` W0 itself holds W_res = W0 - c·s·B0 A0 and the residual's columns are gone.
+
+Under torch.compile (`traced_adapter`) the same maths is written for inductor instead: a decode step's small matmuls
+as products and sums, the top-k as k rounds of argmax, so that the whole adapter becomes one generated kernel beside
+W0's matmul (with `mm` and `topk`, each a library call of its own, it was eight calls per layer).
 """
 
 from __future__ import annotations
@@ -97,9 +101,31 @@ def fused_base_forward(
     return F.linear(tokens, weight, bias).addmm_(low, w.up_t)
 
 
-def factored_forward(
+def matmul_as_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [T, n] times b [c, n] transposed, as a product and a sum over n: inductor fuses it with the ops around it
+    into one generated kernel, where `mm` is a library call of its own (a dispatch per call is what a decoded
+    token costs). The arithmetic is T·n·c, a few % of W0's; for many tokens (a compiled prefill or evaluation) a
+    library matmul is faster, so callers use it only for few (see SUMMED_TOKENS)."""
+    return (a.unsqueeze(1) * b).sum(-1)
+
+
+SUMMED_TOKENS = 64  # up to this many tokens, the traced forward computes its small matmuls as fused sums
+
+
+def fusable_top_k_gates(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """`top_k_gates` as k rounds of argmax and masks (ties: the lower index), which inductor fuses into one kernel
+    with the softmax, where `topk` would be a library call of its own."""
+    experts = torch.arange(logits.shape[-1], device=logits.device)
+    remaining, picked = logits, None
+    for _ in range(top_k):
+        hit = experts == remaining.argmax(-1, keepdim=True)  # [T, E]
+        picked = hit if picked is None else picked | hit
+        remaining = remaining.masked_fill(hit, float("-inf"))
+    return logits.masked_fill(~picked, float("-inf")).softmax(-1)
+
+
+def traced_adapter(
     tokens: torch.Tensor,
-    out: torch.Tensor | None,
     router_weight: torch.Tensor,
     expert_A: torch.Tensor,
     expert_B: torch.Tensor,
@@ -109,15 +135,16 @@ def factored_forward(
     correction: float,
     top_k: int,
 ) -> torch.Tensor:
-    """out [T, m] (fp32: W0 x + b) plus the adapter, or the adapter alone when `out` is None, from the layer's own
-    factors: under torch.compile, where the cached stacked copies cannot be checked against the weights and building
-    them anew would copy every layer's factors on every token. Three small matmuls in, two out."""
-    experts = F.linear(tokens, expert_A.float())  # [T, r]
-    gate_experts_(experts, top_k_gates(F.linear(tokens, router_weight.float()), top_k))
-    if out is None:
-        out = torch.mm(experts, expert_B.float().T).mul_(scaling)
-    else:
-        out = torch.addmm(out, experts, expert_B.float().T, alpha=scaling)
+    """The adapter's [T, m] output for fp32 tokens [T, n], from the layer's own factors, for torch.compile: the
+    cached folded copies cannot be checked against the weights in a graph, and building them anew would copy
+    every layer's factors on every token. For a decode step (few tokens) every small matmul is a fused sum, so
+    inductor makes the whole adapter, and its addition to W0 x, one generated kernel."""
+    matmul = matmul_as_sum if tokens.shape[0] <= SUMMED_TOKENS else F.linear
+    gates = fusable_top_k_gates(matmul(tokens, router_weight.float()), top_k)  # [T, E]
+    columns_per_expert = expert_A.shape[0] // gates.shape[1]
+    if columns_per_expert > 1:
+        gates = gates.repeat_interleave(columns_per_expert, 1)  # [T, r]
+    out = matmul(matmul(tokens, expert_A.float()) * gates, expert_B.float()) * scaling
     if residual_A is None:
         return out
-    return torch.addmm(out, F.linear(tokens, residual_A.float()), residual_B.float().T, alpha=correction)
+    return out + matmul(matmul(tokens, residual_A.float()), residual_B.float()) * correction

@@ -13,9 +13,9 @@ from .config import GoatConfig
 from .decode import (
     InferenceWeights,
     adapter_delta,
-    factored_forward,
     fused_base_forward,
     inference_weights,
+    traced_adapter,
 )
 from .fused import FusedGoatFunction, fused_forward, routing_gates, small_softmax, stacked_weights
 from .init import scaled_expert_factors
@@ -178,11 +178,9 @@ class GoatLinear(nn.Module):
         prepared = self.prepared
         if prepared is not None:
             self._check_prepared_call(prepared, x)
-            weights = prepared
-        elif torch.compiler.is_compiling():
-            return self._traced_forward(x)
-        else:
-            weights = self._inference_weights()
+        if torch.compiler.is_compiling():
+            return self._traced_forward(x, with_residual=prepared is None)
+        weights = prepared if prepared is not None else self._inference_weights()
         tokens = x.reshape(-1, x.shape[-1])  # [T, n]
         base = self._modules["base_layer"]
         if self._base_fuses(base, x):
@@ -194,18 +192,18 @@ class GoatLinear(nn.Module):
             delta = adapter_delta(tokens.to(torch.float32), weights, self.top_k)
         return result + delta.view(result.shape).to(result.dtype)
 
-    def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The inference forward under torch.compile: from the factors themselves (see decode.factored_forward),
-        rounded as the eager forward rounds (a half base's output plus the adapter's, rounded once to its dtype)."""
-        weights = (self.router.weight, self.expert_A, self.expert_B, self.residual_A, self.residual_B)
+    def _traced_forward(self, x: torch.Tensor, with_residual: bool) -> torch.Tensor:
+        """The inference forward under torch.compile (decode.traced_adapter): from the factors themselves, the
+        residual left out where prepare_for_inference folded it into W0; rounded as the eager forward rounds (a half
+        base's output plus the adapter's, rounded once to its dtype)."""
+        residual = (self.residual_A, self.residual_B) if with_residual else (None, None)
         result = self.base_layer(x)
         with torch.autocast(x.device.type, enabled=False):
             tokens = x.reshape(-1, self.in_features).float()
-            if result.dtype == torch.float32:
-                out = factored_forward(tokens, result.reshape(-1, self.out_features), *weights, *self._scalars())
-                return out.view(result.shape)
-            delta = factored_forward(tokens, None, *weights, *self._scalars())
-        return result + delta.view(result.shape).to(result.dtype)
+            delta = traced_adapter(
+                tokens, self.router.weight, self.expert_A, self.expert_B, *residual, *self._scalars()
+            ).view(result.shape)
+        return result + (delta if result.dtype == torch.float32 else delta.to(result.dtype))
 
     def _scalars(self) -> tuple[float, float, int]:
         return self.scaling, self.correction, self.top_k

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama, train_like_
+from conftest import reference_goat_forward, svd_residual, tiny_llama, train_like_
+from test_layer import EXPERTS_TOPK, layer_config, make_layer, trained_like
+from test_prepare import prepared_layer_model
 from transformers import CompileConfig
 
 from goat_hf import GoatConfig, get_goat_model, goat_layers, prepare_for_inference
+from goat_hf.decode import SUMMED_TOKENS, fusable_top_k_gates, top_k_gates
 
 CONFIG = GoatConfig(r=8, num_experts=4, top_k=2)
 IDS = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -89,3 +92,48 @@ def test_generate_with_a_static_cache_compiles_without_graph_breaks():
         compiled = model.generate(IDS, do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
     assert torch.equal(compiled, eager)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the decode step really was compiled
+
+
+TOKENS = {"one": 1, "few": 5, "many": SUMMED_TOKENS + 6}  # decode steps sum their small matmuls; longer inputs mm
+
+
+@pytest.mark.parametrize("tokens", TOKENS.values(), ids=TOKENS.keys())
+@pytest.mark.parametrize("prepared", [False, True], ids=["default", "prepared"])
+@pytest.mark.parametrize(("num_experts", "top_k"), EXPERTS_TOPK, ids=[f"E{E}-k{k}" for E, k in EXPERTS_TOPK])
+def test_compiled_layer_matches_per_expert_reference(num_experts, top_k, prepared, tokens):
+    """The traced forward (fused sums, argmax gates, the layer's own factors) judged by the loop reference."""
+    layer = trained_like(make_layer("goat", num_experts, top_k)).eval()
+    x = torch.randn(tokens, layer.in_features)
+    y_ref, _ = reference_goat_forward(
+        layer, x, svd_residual(layer.base_layer.weight, layer_config("goat", num_experts, top_k))
+    )
+    if prepared:
+        prepared_layer_model(layer)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        y = compiled(x)
+    torch.testing.assert_close(y, y_ref.detach(), rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
+
+
+def test_compiled_layer_never_picks_a_minus_inf_logit():
+    """A router row that overflows: the summed logit is -inf, never picked, and never multiplied into the output."""
+    layer = trained_like(make_layer("goat", 8, 2)).eval()
+    x = torch.ones(3, layer.in_features)
+    with torch.no_grad():
+        layer.router.weight[0] = -1e38
+        eager = layer(x)
+        compiled = torch.compile(layer, fullgraph=True, backend="eager")(x)
+    assert compiled.isfinite().all()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("num_experts", "top_k"), EXPERTS_TOPK, ids=[f"E{E}-k{k}" for E, k in EXPERTS_TOPK])
+def test_argmax_gates_equal_topk_gates(num_experts, top_k):
+    logits = torch.randn(50, num_experts, generator=torch.Generator().manual_seed(num_experts + top_k))
+    assert torch.equal(fusable_top_k_gates(logits, top_k), top_k_gates(logits, top_k))
+
+
+def test_argmax_gates_break_ties_towards_the_lower_index():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0]])
+    expected = torch.tensor([[0.0, 0.5, 0.5, 0.0, 0.0]])
+    assert torch.equal(fusable_top_k_gates(logits, 2), expected)
