@@ -18,7 +18,7 @@ matmul of x with [W_r; A] split in two (a `split` is an op of its own), and far 
 
 Under torch.compile (`traced_adapter`) the same maths is written for inductor instead: a decode step's small matmuls
 as products and sums, the top-k as k rounds of argmax, so that the whole adapter becomes one generated kernel beside
-W0's matmul (with `mm` and `topk`, each a library call of its own, it was eight calls per layer).
+W0's matmul (with `mm` and `topk`, each a library call of its own, it was seven calls beside it).
 """
 
 from __future__ import annotations
