@@ -140,11 +140,9 @@ def traced_adapter(
     every layer's factors on every token. For a decode step (few tokens) every small matmul is a fused sum, so
     inductor makes the whole adapter, and its addition to W0 x, one generated kernel."""
     matmul = matmul_as_sum if tokens.shape[0] <= SUMMED_TOKENS else F.linear
-    gates = fusable_top_k_gates(matmul(tokens, router_weight.float()), top_k)  # [T, E]
-    columns_per_expert = expert_A.shape[0] // gates.shape[1]
-    if columns_per_expert > 1:
-        gates = gates.repeat_interleave(columns_per_expert, 1)  # [T, r]
-    out = matmul(matmul(tokens, expert_A.float()) * gates, expert_B.float()) * scaling
+    experts = matmul(tokens, expert_A.float())  # [T, r]
+    gate_experts_(experts, fusable_top_k_gates(matmul(tokens, router_weight.float()), top_k))
+    out = matmul(experts, expert_B.float()) * scaling
     if residual_A is None:
         return out
     return out + matmul(matmul(tokens, residual_A.float()), residual_B.float()) * correction

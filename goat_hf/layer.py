@@ -201,12 +201,16 @@ class GoatLinear(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             tokens = x.reshape(-1, self.in_features).float()
             delta = traced_adapter(
-                tokens, self.router.weight, self.expert_A, self.expert_B, *residual, *self._scalars()
+                tokens,
+                self.router.weight,
+                self.expert_A,
+                self.expert_B,
+                *residual,
+                self.scaling,
+                self.correction,
+                self.top_k,
             ).view(result.shape)
-        return result + (delta if result.dtype == torch.float32 else delta.to(result.dtype))
-
-    def _scalars(self) -> tuple[float, float, int]:
-        return self.scaling, self.correction, self.top_k
+        return result + delta.to(result.dtype)
 
     def _check_prepared_call(self, prepared: InferenceWeights, x: torch.Tensor) -> None:
         if self.training and torch.is_grad_enabled() or self.record_routing:
