@@ -16,6 +16,7 @@ from .decode import (
     fused_base_forward,
     inference_weights,
     traced_adapter,
+    traced_extended_forward,
 )
 from .fused import FusedGoatFunction, fused_forward, routing_gates, small_softmax, stacked_weights
 from .init import scaled_expert_factors
@@ -178,11 +179,14 @@ class GoatLinear(nn.Module):
         prepared = self.prepared
         if prepared is not None:
             self._check_prepared_call(prepared, x)
+        base = self._modules["base_layer"]
         if torch.compiler.is_compiling():
+            if prepared is not None and prepared.extended_weight is not None and self._base_fuses(base, x):
+                out = traced_extended_forward(x.reshape(-1, x.shape[-1]), base.bias, prepared, self.top_k)
+                return out.view(*x.shape[:-1], out.shape[1])
             return self._traced_forward(x, with_residual=prepared is None)
         weights = prepared if prepared is not None else self._inference_weights()
         tokens = x.reshape(-1, x.shape[-1])  # [T, n]
-        base = self._modules["base_layer"]
         if self._base_fuses(base, x):
             params = base._parameters
             out = fused_base_forward(tokens, params["weight"], params["bias"], weights, self.top_k)

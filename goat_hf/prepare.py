@@ -2,7 +2,9 @@
 
 The default inference path (goat_hf/decode.py) keeps W0 untouched, so the adapter can still be switched off, unloaded
 or trained. A served model needs none of that: W0 can hold W_res = W0 - c·s·B0 A0 (the residual's 2r columns leave
-every token's arithmetic), written over W0 in place: no second copy of the base. What needs W0 (disable_goat,
+every token's arithmetic), written over W0 in place: no second copy of the base. An fp32 base weight then moves into
+[W_res | s·B] (`decode.extend_base_weight_`; W0's own storage is freed), its r extra columns the experts' up-projection,
+so that a compiled decode step runs it inside W0's matmul. What needs W0 (disable_goat,
 unload_goat, saving the base weights, training) refuses from then on, with a message that says why. The adapter still
 saves exactly: its tensors are untouched, and the base fingerprint it records is the one taken before the fold.
 """
@@ -13,7 +15,7 @@ import torch
 from torch import nn
 
 from .adapter_io import base_tensors
-from .decode import InferenceWeights, inference_weights
+from .decode import InferenceWeights, extend_base_weight_, inference_weights
 from .fingerprint import fingerprint_record
 from .layer import GoatLinear
 from .model import goat_layers, require_goat_state
@@ -48,12 +50,17 @@ def is_prepared(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def fold_for_serving(layer: GoatLinear) -> InferenceWeights:
-    """One layer's serving weights: W0 becomes W_res in place (rounded to W0's dtype; the adapter stays fp32)."""
+    """One layer's serving weights: W0 becomes W_res in place (rounded to W0's dtype; the adapter stays fp32), an
+    fp32 W_res the first n columns of [W_res | s·B]. A half base keeps its own storage: [W_res | s·B] in its dtype
+    would round the up-projection the eager path computes in fp32."""
     weight = layer.base_layer.weight
     if layer.residual_A is not None:
         W_res = weight.float().addmm(layer.residual_B, layer.residual_A, alpha=layer.correction)  # W0 - c·s·B0 A0
         weight.copy_(W_res)
-    return inference_weights(layer.router.weight, layer.expert_A, layer.expert_B, None, None, layer.scaling, 0.0)
+    weights = inference_weights(layer.router.weight, layer.expert_A, layer.expert_B, None, None, layer.scaling, 0.0)
+    if weight.dtype == torch.float32:
+        extend_base_weight_(weight, weights)
+    return weights
 
 
 def _check_plain_base(name: str, base: nn.Module) -> None:

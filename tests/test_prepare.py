@@ -59,6 +59,7 @@ def test_prepared_half_base_stays_within_half_rounding_of_the_unprepared_layer()
         prepared_layer_model(layer)
         after = layer(x).float()
     assert layer.base_layer.weight.dtype == torch.bfloat16
+    assert layer.prepared.extended_weight is None  # [W_res | s·B] in bf16 would round the up-projection
     torch.testing.assert_close(after, before, rtol=2**-6, atol=2**-6 * before.abs().max().item())
 
 
@@ -80,8 +81,12 @@ def test_prepared_model_keeps_its_greedy_tokens_and_logits():
         assert torch.equal(
             prepared.generate(ids, do_sample=False, max_new_tokens=12, min_new_tokens=12, pad_token_id=0), tokens
         )
-    for name, layer in goat_layers(prepared).items():  # W_res is written over W0: no second copy of the base
-        assert layer.base_layer.weight.untyped_storage().data_ptr() == storages[name]
+    for name, layer in goat_layers(prepared).items():  # W_res replaces W0: no second copy of the base
+        weight, extended = layer.base_layer.weight, layer.prepared.extended_weight  # [W_res | s·B] [m, n + r]
+        assert weight.untyped_storage().data_ptr() != storages[name]  # W0's storage is left to be freed
+        assert weight.data_ptr() == extended.data_ptr() and weight.stride() == (extended.shape[1], 1)
+        assert extended.shape == (weight.shape[0], weight.shape[1] + layer.expert_A.shape[0])
+        torch.testing.assert_close(extended[:, weight.shape[1] :], layer.expert_B * layer.scaling)
 
 
 def test_prepared_model_refuses_what_needs_W0(tmp_path):
