@@ -33,17 +33,20 @@ model-cards: install
 		cp outputs/model-cards/$$example/README.md outputs/model-cards/$$example/routing_heatmap.png model_cards/$$example/; \
 	done
 
-# The DeepSpeed runs (2 x ~1 min of 2 processes) are left out to keep this under ~4 min on 2 cores; CI runs them
-# with `make test-deepspeed`.
+# The DeepSpeed runs (2 x ~1 min of 2 processes) are left out to keep this at ~4 min on 2 cores; CI runs them
+# with `make test-deepspeed`. Each test runs on one thread (tests/conftest.py), so TEST_WORKERS processes (pytest-xdist,
+# whole files per process: a file's module fixtures are built once) share the cores: 237 s with 2 against 468 s with
+# one on this 2-core machine. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: install
-	$(PYTHON) -m pytest -q -ra --durations=15 -m "not deepspeed"
+	$(PYTHON) -m pytest -q -ra --durations=15 -m "not deepspeed" -n $(TEST_WORKERS) --dist loadfile
 
 test-deepspeed: install
 	$(PYTHON) -m pip install -q -e ".[dev,deepspeed]"
 	$(PYTHON) -m pytest -q -ra tests/test_deepspeed.py tests/test_distributed.py
 
 test-fast:
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 # deptry, once per folder, against the extras that folder may import ([tool.goat_hf.deptry-folders] in pyproject.toml).
 deps:

@@ -3,7 +3,9 @@
 Why: issue 24. A GOAT adapter can never be merged away (its routing is per token), so what one generated token costs
 is paid on every token a trained adapter ever serves. "merged" is the base alone: a merged LoRA costs exactly that.
 "goat" is the default inference path (eval, no_grad: goat_hf/decode.py), "goat prepared" the same adapter after
-`goat_hf.prepare_for_inference` (residual folded into W0 in place). GOAT: E = 8, top-2, r = 8 on
+`goat_hf.prepare_for_inference` (residual folded into W0 in place; a compiled step runs the up-projection inside W0's
+matmul, [W_res | s·B] [x; g ⊙ low]), and "goat prepared, addmm" the prepared model with the up-projection added after
+W0's matmul instead, as before [W_res | s·B] (an A/B of that one change). GOAT: E = 8, top-2, r = 8 on
 every Linear but the head; LoRA: PEFT r = 8 on exactly the same modules. KV cache, greedy, `min_new_tokens` =
 `max_new_tokens` so every variant decodes the same count. The time per token is taken between the first and the last
 call of a logits processor (decode steps only, the prefill left out). Variants alternate within each round; each
@@ -28,11 +30,11 @@ from bench_model import DTYPES, load_base, lora_model, paired_ratio
 from torch import nn
 from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
 
-from goat_hf import GoatConfig, get_goat_model, prepare_for_inference
+from goat_hf import GoatConfig, get_goat_model, goat_layers, prepare_for_inference
 from goat_hf.model import find_target_linears
 
 GOAT = GoatConfig(r=8, num_experts=8, top_k=2, target_modules="all-linear", seed=1)
-VARIANTS = ("merged", "lora", "goat", "goat prepared")
+VARIANTS = ("merged", "lora", "goat", "goat prepared", "goat prepared, addmm")
 GOALS = {  # (numerator, denominator, batch, eager bound, compiled bound): issue 24
     "GOAT / LoRA unmerged": ("goat", "lora", None, 1.0, None),
     "GOAT / merged, batch 1": ("goat", "merged", 1, 1.20, 1.10),
@@ -59,8 +61,11 @@ def build_variants(args: argparse.Namespace) -> dict[str, nn.Module]:
         model = load_base(args).eval()
         if name.startswith("goat"):
             get_goat_model(model, GOAT)
-            if name == "goat prepared":
+            if name.startswith("goat prepared"):
                 prepare_for_inference(model)
+            if name == "goat prepared, addmm":
+                for layer in goat_layers(model).values():
+                    layer.prepared.extended_weight = None  # the compiled step then adds g ⊙ low times s·B after W0 x
         elif name == "lora":
             targets = find_target_linears(model, GOAT, heads=[])
             model = lora_model(
@@ -157,6 +162,9 @@ def report(args: argparse.Namespace, results: dict[int, dict]) -> str:
                         f"- {goal.replace('GOAT', variant)} at batch {b}: {value:.3f} (goal <= {bound}): {verdict}"
                     )
     for batch, result in results.items():
+        ab = ratio(result, "goat prepared", "goat prepared, addmm")
+        if ab is not None:
+            lines.append(f"- batch {batch}: goat prepared / goat prepared, addmm: {ab:.3f}")
         for check, same in result["same_greedy_tokens"].items():
             lines.append(f"- batch {batch}: greedy tokens {check}: {same}")
     return "\n".join(lines)
@@ -172,7 +180,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS[:4]))
     parser.add_argument("--compile", action="store_true", help="static KV cache and torch.compile of the decode step")
     parser.add_argument(
         "--python-wrapper",

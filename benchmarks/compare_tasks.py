@@ -149,7 +149,7 @@ class Task:
 
 def make_task(name: str, quick: bool = False) -> Task:
     if name == "tweets":
-        sizes = (64, 32, 32) if quick else (1500, 500, 1000)
+        sizes = (32, 16, 16) if quick else (1500, 500, 1000)  # quick: 2 steps of 16, a smoke run's size
         return Task(
             name,
             tweet_splits(*sizes, pool=0),
@@ -158,7 +158,7 @@ def make_task(name: str, quick: bool = False) -> Task:
             classification_scores,
             "accuracy",
             epochs=1 if quick else 2,
-            batch_size=32,
+            batch_size=16 if quick else 32,
             peft_task_type="SEQ_CLS",
             full_ft_lrs=(2e-5, 5e-5, 1e-4, 2e-4),
             adapter_lrs=(5e-4, 1e-3, 2e-3, 4e-3),
