@@ -128,6 +128,18 @@ class GoatLinear(nn.Module):
         self._inference_cache = None  # a safe point to rebuild it (see _inference_weights)
         return super().train(mode)
 
+    def _apply(self, fn, recurse: bool = True) -> GoatLinear:
+        """`.to()`, `.half()` and the like: a prepared layer whose base weight they replaced (a new dtype or device)
+        drops its [W_res | s·B], which would be stale and would keep an fp32 copy of the base alive; the compiled step
+        then adds the up-projection after the base's own matmul."""
+        module = super()._apply(fn, recurse)
+        prepared = self.prepared
+        if prepared is not None and prepared.extended_weight is not None:
+            weight = self.base_layer.weight
+            if weight.dtype != torch.float32 or weight.data_ptr() != prepared.extended_weight.data_ptr():
+                prepared.extended_weight = prepared.router_down = None
+        return module
+
     def _require_fp32_adapter(self) -> None:
         """Training (and recording routing) runs the experts and router in fp32 (DESIGN §2); `model.to(dtype)` casts
         them too, and the fused Function would then fail on a matmul of mixed dtypes."""

@@ -1,17 +1,22 @@
 """torch.compile of the inference forward: one graph (fullgraph=True fails on any graph break), the same outputs as
 eager, and weight changes seen by the compiled forward (it cannot check the eager cache's version key, so it reads
-the layer's own factors). Dynamo's "eager" backend traces exactly what inductor would compile, in
-seconds; the speed of the inductor build is measured by benchmarks/bench_decode.py --compile."""
+the layer's own factors; a prepared fp32 layer reads the [W_res | s·B] and [W_r; A] prepare built, which never
+change). Dynamo's "eager" backend traces exactly what inductor would compile, in seconds; the speed of the inductor
+build is measured by benchmarks/bench_decode.py --compile."""
 
 from __future__ import annotations
+
+import gc
 
 import pytest
 import torch
 from conftest import reference_goat_forward, svd_residual, tiny_llama, train_like_
 from test_layer import EXPERTS_TOPK, layer_config, make_layer, trained_like
 from test_prepare import prepared_layer_model
+from torch.multiprocessing.reductions import StorageWeakRef
 from transformers import CompileConfig
 
+import goat_hf.layer as goat_layer_module
 from goat_hf import GoatConfig, get_goat_model, goat_layers, prepare_for_inference
 from goat_hf.decode import SUMMED_TOKENS, fusable_top_k_gates, top_k_gates
 
@@ -97,22 +102,47 @@ def test_generate_with_a_static_cache_compiles_without_graph_breaks():
 TOKENS = {"one": 1, "few": 5, "many": SUMMED_TOKENS + 6}  # decode steps sum their small matmuls; longer inputs mm
 
 
+# which traced forward each layer takes: prepared fp32 layers run the up-projection inside W0's matmul; a prepared
+# layer without [W_res | s·B] (a half base, or one cast after prepare) adds it after W0's matmul as the default does
+TRACED_PATHS = {"default": "traced_adapter", "prepared": "traced_extended_forward", "prepared-addmm": "traced_adapter"}
+
+
 @pytest.mark.parametrize("tokens", TOKENS.values(), ids=TOKENS.keys())
-@pytest.mark.parametrize("prepared", [False, True], ids=["default", "prepared"])
+@pytest.mark.parametrize("path", TRACED_PATHS)
 @pytest.mark.parametrize(("num_experts", "top_k"), EXPERTS_TOPK, ids=[f"E{E}-k{k}" for E, k in EXPERTS_TOPK])
-def test_compiled_layer_matches_per_expert_reference(num_experts, top_k, prepared, tokens):
+def test_compiled_layer_matches_per_expert_reference(num_experts, top_k, path, tokens, monkeypatch):
     """The traced forward (fused sums, argmax gates, the layer's own factors) judged by the loop reference."""
     layer = trained_like(make_layer("goat", num_experts, top_k)).eval()
     x = torch.randn(tokens, layer.in_features)
     y_ref, _ = reference_goat_forward(
         layer, x, svd_residual(layer.base_layer.weight, layer_config("goat", num_experts, top_k))
     )
-    if prepared:
+    if path != "default":
         prepared_layer_model(layer)
+    if path == "prepared-addmm":
+        layer.prepared.extended_weight = layer.prepared.router_down = None
+    taken = []
+    for name in set(TRACED_PATHS.values()):
+        traced = getattr(goat_layer_module, name)
+        monkeypatch.setattr(goat_layer_module, name, lambda *a, name=name, f=traced: (taken.append(name), f(*a))[1])
     compiled = torch.compile(layer, fullgraph=True, backend="eager")
     with torch.no_grad():
         y = compiled(x)
+    assert taken == [TRACED_PATHS[path]]
     torch.testing.assert_close(y, y_ref.detach(), rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
+
+
+def test_a_prepared_model_cast_after_prepare_drops_its_extended_weights():
+    """A cast replaces each base weight: [W_res | s·B] would be stale, and would keep an fp32 copy of the base alive."""
+    model = prepare_for_inference(trained_llama())
+    layers = goat_layers(model).values()
+    model.float()  # already fp32: the weights stay views of [W_res | s·B]
+    assert all(layer.prepared.extended_weight is not None for layer in layers)
+    extended = [StorageWeakRef(layer.prepared.extended_weight.untyped_storage()) for layer in layers]
+    model.half()
+    gc.collect()
+    assert all(layer.prepared.extended_weight is None and layer.prepared.router_down is None for layer in layers)
+    assert all(storage.expired() for storage in extended)
 
 
 def test_compiled_layer_never_picks_a_minus_inf_logit():

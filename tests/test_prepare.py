@@ -3,6 +3,7 @@ what needs W0 with a message that says why, and still saves the adapter exactly.
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from conftest import reference_goat_forward, svd_residual, tiny_llama, train_lik
 from safetensors.torch import load_file
 from test_layer import EXPERTS_TOPK, layer_config, make_layer, trained_like
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from goat_hf import (
     GoatConfig,
@@ -69,10 +71,9 @@ def trained_llama() -> nn.Module:
 
 def test_prepared_model_keeps_its_greedy_tokens_and_logits():
     model, prepared = trained_llama(), trained_llama()
-    storages = {
-        name: layer.base_layer.weight.untyped_storage().data_ptr() for name, layer in goat_layers(prepared).items()
-    }
+    storages = {name: StorageWeakRef(layer.weight.untyped_storage()) for name, layer in goat_layers(prepared).items()}
     prepare_for_inference(prepared)
+    gc.collect()
     ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(ids).logits
@@ -83,7 +84,7 @@ def test_prepared_model_keeps_its_greedy_tokens_and_logits():
         )
     for name, layer in goat_layers(prepared).items():  # W_res replaces W0: no second copy of the base
         weight, extended = layer.base_layer.weight, layer.prepared.extended_weight  # [W_res | s·B] [m, n + r]
-        assert weight.untyped_storage().data_ptr() != storages[name]  # W0's storage is left to be freed
+        assert storages[name].expired()  # W0's own storage is freed
         assert weight.data_ptr() == extended.data_ptr() and weight.stride() == (extended.shape[1], 1)
         assert extended.shape == (weight.shape[0], weight.shape[1] + layer.expert_A.shape[0])
         torch.testing.assert_close(extended[:, weight.shape[1] :], layer.expert_B * layer.scaling)
