@@ -7,12 +7,14 @@ build is measured by benchmarks/bench_decode.py --compile."""
 from __future__ import annotations
 
 import gc
+import re
 
 import pytest
 import torch
 from conftest import reference_goat_forward, svd_residual, tiny_llama, train_like_
 from test_layer import EXPERTS_TOPK, layer_config, make_layer, trained_like
 from test_prepare import prepared_layer_model
+from torch._inductor.utils import run_and_get_code
 from torch.multiprocessing.reductions import StorageWeakRef
 from transformers import CompileConfig
 
@@ -167,3 +169,22 @@ def test_argmax_gates_break_ties_towards_the_lower_index():
     logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0]])
     expected = torch.tensor([[0.0, 0.5, 0.5, 0.0, 0.0]])
     assert torch.equal(fusable_top_k_gates(logits, 2), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("path", "calls"),
+    [("default", ["matmul", "kernel"]), ("prepared", ["kernel", "matmul"])],
+    ids=["default", "prepared"],
+)
+def test_inductor_writes_one_kernel_beside_one_matmul_per_layer(path, calls):
+    """What the compiled decode speed rests on (bench_decode.py --compile): a decode step's layer is one library
+    matmul and one generated kernel, after it (default: W0 x + b, then the whole adapter added) or before it (prepared
+    fp32: gates and [x; g ⊙ low], then one matmul with [W_res | s·B] and the bias)."""
+    layer = trained_like(make_layer("goat", 8, 2)).eval()
+    if path == "prepared":
+        prepared_layer_model(layer)
+    with torch.no_grad():
+        _, (code,) = run_and_get_code(torch.compile(layer, fullgraph=True), torch.randn(1, 1, layer.in_features))
+    called = re.findall(r"(cpp_fused_\w+|extern_kernels\.\w+)\(", code[code.index("def call(") :])
+    assert ["kernel" if name.startswith("cpp_fused") else "matmul" for name in called] == calls, called
