@@ -24,7 +24,8 @@ from .model import goat_layers, require_goat_state
 def prepare_for_inference(model: nn.Module) -> nn.Module:
     """Fold each GOAT layer's frozen residual into its base weight, in place, and put the model in eval mode.
 
-    Call it last, on the device and dtype the model will serve from (moving a prepared model is refused). The
+    Call it last, on the device and dtype the model will serve from: a prepared model moved to another device is
+    refused at its next call, and one cast to another dtype drops [W_res | s·B] (its compiled step gets slower). The
     greedy outputs stay those of the unprepared model (fp32 rounding apart); see the module docstring for what a
     prepared model refuses. Calling it again does nothing.
     """
