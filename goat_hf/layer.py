@@ -134,10 +134,9 @@ class GoatLinear(nn.Module):
         then adds the up-projection after the base's own matmul."""
         module = super()._apply(fn, recurse)
         prepared = self.prepared
-        if prepared is not None and prepared.extended_weight is not None:
-            weight = self.base_layer.weight
-            if weight.dtype != torch.float32 or weight.data_ptr() != prepared.extended_weight.data_ptr():
-                prepared.extended_weight = prepared.router_down = None
+        extended = prepared.extended_weight if prepared is not None else None
+        if extended is not None and self.base_layer.weight.data_ptr() != extended.data_ptr():  # a cast or move copies
+            prepared.extended_weight = prepared.router_down = None
         return module
 
     def _require_fp32_adapter(self) -> None:
