@@ -25,6 +25,7 @@ W0's matmul and the adapter's one kernel comes before it, with nothing after it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,8 @@ class InferenceWeights:
     # n columns, so that a compiled step's up-projection runs inside W0's matmul; and [W_r; A] [E + r, n]
     extended_weight: torch.Tensor | None = None
     router_down: torch.Tensor | None = None
+    # fp32 CPU bases: the CPU decode kernel (cpu_kernel.py), W0 x + b plus the adapter in one call from Python
+    kernel: Callable[..., torch.Tensor] | None = None
 
 
 def top_k_gates(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -102,7 +105,8 @@ def adapter_delta(tokens: torch.Tensor, w: InferenceWeights, top_k: int) -> torc
 def fused_base_forward(
     tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w: InferenceWeights, top_k: int
 ) -> torch.Tensor:
-    """W0 x + b plus the adapter for fp32 tokens [T, n] and a plain fp32 base: three matmuls and an addmm."""
+    """W0 x + b plus the adapter for fp32 tokens [T, n] and a plain fp32 base: three matmuls and an addmm (the CPU
+    kernel, `w.kernel`, does the same in one call from Python)."""
     low = gated_low_rank(tokens, w, top_k)
     return F.linear(tokens, weight, bias).addmm_(low, w.up_t)
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from .base_weights import dense_weight
 from .config import GoatConfig
+from .cpu_kernel import kernel_for
 from .decode import (
     InferenceWeights,
     adapter_delta,
@@ -197,14 +198,17 @@ class GoatLinear(nn.Module):
                 return out.view(*x.shape[:-1], out.shape[1])
             return self._traced_forward(x, with_residual=prepared is None)
         weights = prepared if prepared is not None else self._inference_weights()
-        tokens = x.reshape(-1, x.shape[-1])  # [T, n]
         if self._base_fuses(base, x):
             params = base._parameters
-            out = fused_base_forward(tokens, params["weight"], params["bias"], weights, self.top_k)
+            w, weight, bias = weights, params["weight"], params["bias"]
+            if w.kernel is not None and not torch.is_grad_enabled():  # it gates in place, outside autograd
+                return w.kernel(x, weight, bias, w.router_t, w.down_t, w.up_t, self.top_k, w.expert_columns)
+            tokens = x.reshape(-1, x.shape[-1])  # [T, n]
+            out = fused_base_forward(tokens, weight, bias, weights, self.top_k)
             return out.view(*x.shape[:-1], out.shape[1])
         result = base(x)
         with torch.autocast(x.device.type, enabled=False):
-            delta = adapter_delta(tokens.to(torch.float32), weights, self.top_k)
+            delta = adapter_delta(x.reshape(-1, x.shape[-1]).to(torch.float32), weights, self.top_k)
         return result + delta.view(result.shape).to(result.dtype)
 
     def _traced_forward(self, x: torch.Tensor, with_residual: bool) -> torch.Tensor:
@@ -254,6 +258,9 @@ class GoatLinear(nn.Module):
         cache = self._inference_cache
         if cache is None or cache.key != key:
             cache = inference_weights(router, A, B, A0, B0, self.scaling, self.correction, key)
+            base = self._modules["base_layer"]
+            if type(base) is nn.Linear:  # the CPU kernel serves plain fp32 CPU bases (cpu_kernel.py)
+                cache.kernel = kernel_for(base.weight)
             self._inference_cache = cache
         return cache
 

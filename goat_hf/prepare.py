@@ -15,14 +15,18 @@ import torch
 from torch import nn
 
 from .adapter_io import base_tensors
+from .cpu_kernel import kernel_for
 from .decode import InferenceWeights, extend_base_weight_, inference_weights
 from .fingerprint import fingerprint_record
 from .layer import GoatLinear
 from .model import goat_layers, require_goat_state
 
 
-def prepare_for_inference(model: nn.Module) -> nn.Module:
+def prepare_for_inference(model: nn.Module, cpu_kernel: bool = True) -> nn.Module:
     """Fold each GOAT layer's frozen residual into its base weight, in place, and put the model in eval mode.
+
+    Layers that serve from fp32 CPU weights decode through goat_hf's CPU kernel (goat_hf/cpu_kernel.py), as on the
+    default path; `cpu_kernel=False` keeps them on ATen ops (an A/B of the kernel).
 
     Call it last, on the device and dtype the model will serve from: a prepared model moved to another device is
     refused at its next call, and one cast to another dtype drops [W_res | s·B] (its compiled step gets slower). The
@@ -39,6 +43,7 @@ def prepare_for_inference(model: nn.Module) -> nn.Module:
     model.eval()
     for layer in layers.values():
         layer.prepared = fold_for_serving(layer)
+        layer.prepared.kernel = kernel_for(layer.base_layer.weight) if cpu_kernel else None
         layer.base_layer.register_state_dict_pre_hook(_refuse_base_weights)
         layer.requires_grad_(False)
     return model

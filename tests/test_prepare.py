@@ -16,6 +16,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from goat_hf import (
     GoatConfig,
+    decode,
     disable_goat,
     get_goat_model,
     goat_layers,
@@ -24,30 +25,44 @@ from goat_hf import (
     save_goat_adapter,
     unload_goat,
 )
+from goat_hf import cpu_kernel as cpu_kernel_module
 from goat_hf.adapter_io import restore_goat_weights
 from goat_hf.config import INIT_MODES
 
 CONFIG = GoatConfig(r=8, num_experts=4, top_k=2)
 
 
-def prepared_layer_model(layer: nn.Module) -> nn.Module:
+def prepared_layer_model(layer: nn.Module, cpu_kernel: bool = True) -> nn.Module:
     """A one-layer model with GOAT state around an existing layer, as prepare_for_inference expects a model."""
     holder = nn.Sequential(nn.Linear(layer.in_features, layer.out_features))
     get_goat_model(holder, GoatConfig(r=layer.expert_A.shape[0], num_experts=layer.num_experts, top_k=layer.top_k))
     holder[0] = layer
-    return prepare_for_inference(holder)
+    return prepare_for_inference(holder, cpu_kernel=cpu_kernel)
 
 
+def forbid_aten_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail if a layer decodes with ATen ops: what runs must be the CPU kernel."""
+
+    def aten_path(*args):
+        raise AssertionError("the ATen inference path ran where the CPU kernel should have")
+
+    monkeypatch.setattr(decode, "gated_low_rank", aten_path)
+
+
+@pytest.mark.parametrize("cpu_kernel", [True, False], ids=["cpu-kernel", "aten-ops"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize(("num_experts", "top_k"), EXPERTS_TOPK, ids=[f"E{E}-k{k}" for E, k in EXPERTS_TOPK])
 @pytest.mark.parametrize("init", INIT_MODES)
-def test_prepared_layer_matches_per_expert_reference(init, num_experts, top_k, bias):
+def test_prepared_layer_matches_per_expert_reference(init, num_experts, top_k, bias, cpu_kernel, monkeypatch):
     layer = trained_like(make_layer(init, num_experts, top_k, bias=bias))
     x = torch.randn(2, 5, layer.in_features)
     W_res = svd_residual(layer.base_layer.weight, layer_config(init, num_experts, top_k))
     y_ref, _ = reference_goat_forward(layer, x, W_res)
-    prepared_layer_model(layer)
+    prepared_layer_model(layer, cpu_kernel)
     torch.testing.assert_close(layer.base_layer.weight, W_res.float())  # folded: the residual is no longer computed
+    assert (layer.prepared.kernel is not None) == cpu_kernel, cpu_kernel_module.build_failure()
+    if cpu_kernel:
+        forbid_aten_path(monkeypatch)
     with torch.no_grad():
         y = layer(x)
     torch.testing.assert_close(y, y_ref.detach().float(), rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
@@ -69,7 +84,7 @@ def trained_llama() -> nn.Module:
     return train_like_(get_goat_model(tiny_llama(), CONFIG))
 
 
-def test_prepared_model_keeps_its_greedy_tokens_and_logits():
+def test_prepared_model_keeps_its_greedy_tokens_and_logits(monkeypatch):
     model, prepared = trained_llama(), trained_llama()
     storages = {name: StorageWeakRef(layer.weight.untyped_storage()) for name, layer in goat_layers(prepared).items()}
     prepare_for_inference(prepared)
@@ -78,6 +93,7 @@ def test_prepared_model_keeps_its_greedy_tokens_and_logits():
     with torch.no_grad():
         logits = model(ids).logits
         tokens = model.generate(ids, do_sample=False, max_new_tokens=12, min_new_tokens=12, pad_token_id=0)
+        forbid_aten_path(monkeypatch)  # the prepared model decodes through the CPU kernel
         torch.testing.assert_close(prepared(ids).logits, logits, rtol=1e-5, atol=1e-5 * logits.abs().max().item())
         assert torch.equal(
             prepared.generate(ids, do_sample=False, max_new_tokens=12, min_new_tokens=12, pad_token_id=0), tokens

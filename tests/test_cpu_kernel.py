@@ -1,0 +1,122 @@
+"""The CPU decode kernel (goat_hf/csrc/decode_cpu.cpp): the per-expert reference's numbers (residual columns, ties),
+clear errors for bad input, and a fallback to ATen ops that says why when it cannot be built or is switched off.
+Prepared layers through it: tests/test_prepare.py."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import reference_goat_forward, svd_residual
+from test_layer import layer_config, make_layer, trained_like
+from test_prepare import prepared_layer_model, trained_llama
+
+from goat_hf import cpu_kernel, goat_layers, prepare_for_inference
+from goat_hf.decode import inference_weights
+
+
+def built_kernel():
+    kernel = cpu_kernel.decode_kernel()
+    assert kernel is not None, f"the CPU kernel could not be built here: {cpu_kernel.build_failure()}"
+    return kernel
+
+
+@pytest.mark.parametrize(("num_experts", "top_k"), [(8, 2), (2, 1), (1, 1)], ids=["E8-k2", "E2-k1", "E1-k1"])
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_kernel_with_residual_columns_matches_per_expert_reference(num_experts, top_k, tokens):
+    """The default path's weights carry the residual's r columns after the experts': the kernel must leave them
+    ungated. W0 plus [A; -c·s·A0] and [s·B | B0] is then W_res plus the experts, as the reference computes it."""
+    layer = trained_like(make_layer("goat", num_experts, top_k, bias=True)).eval()
+    x = torch.randn(tokens, layer.in_features)
+    W_res = svd_residual(layer.base_layer.weight, layer_config("goat", num_experts, top_k))
+    y_ref, _ = reference_goat_forward(layer, x, W_res)
+    w = layer._inference_weights()
+    assert w.down_t.shape[1] == 2 * w.expert_columns  # experts' and residual's columns
+    with torch.no_grad():
+        y = built_kernel()(
+            x, layer.base_layer.weight, layer.base_layer.bias, w.router_t, w.down_t, w.up_t, top_k, w.expert_columns
+        )
+    torch.testing.assert_close(y, y_ref.detach().float(), rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
+
+
+def test_kernel_breaks_ties_towards_the_lower_expert():
+    """Equal logits (a zero router): experts 0 and 1 get half the weight each, as decode.fusable_top_k_gates picks."""
+    E, d, n, m, s = 4, 2, 6, 5, 0.7
+    A, B, W0, bias = torch.randn(E * d, n), torch.randn(m, E * d), torch.randn(m, n), torch.randn(m)
+    x = torch.randn(3, n)
+    w = inference_weights(torch.zeros(E, n), A, B, None, None, s, 0.0)
+    with torch.no_grad():
+        y = built_kernel()(x, W0, bias, w.router_t, w.down_t, w.up_t, 2, w.expert_columns)
+    A, B, x = A.double(), B.double(), x.double()
+    picked = [0.5 * s * (B[:, j * d : (j + 1) * d] @ (A[j * d : (j + 1) * d] @ x.T)) for j in (0, 1)]
+    expected = F.linear(x, W0.double(), bias.double()) + sum(picked).T
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_refuses_bad_input_with_what_it_needs():
+    w = inference_weights(torch.randn(4, 6), torch.randn(8, 6), torch.randn(5, 8), None, None, 1.0, 0.0)
+    W0, x, kernel = torch.randn(5, 6), torch.randn(3, 6), built_kernel()
+    with pytest.raises(RuntimeError, match=r"x must be an fp32 CPU tensor, got BFloat16 \[3, 6\]"):
+        kernel(x.bfloat16(), W0, None, w.router_t, w.down_t, w.up_t, 2, 8)
+    with pytest.raises(RuntimeError, match=r"weight must be a 2-D fp32 CPU tensor, got Float \[5, 6, 1\]"):
+        kernel(x, W0[..., None], None, w.router_t, w.down_t, w.up_t, 2, 8)
+    with pytest.raises(RuntimeError, match=r"x must be \[\.\.\., 6\], got \[3, 5\]"):
+        kernel(x[:, :5], W0, None, w.router_t, w.down_t, w.up_t, 2, 8)
+    with pytest.raises(RuntimeError, match=r"top_k must be in \[1, 4\], got 0"):
+        kernel(x, W0, None, w.router_t, w.down_t, w.up_t, 0, 8)
+    with pytest.raises(RuntimeError, match=r"expert_columns \(6\) must be a multiple of E \(4\)"):
+        kernel(x, W0, None, w.router_t, w.down_t, w.up_t, 2, 6)
+
+
+def test_prepared_layer_under_autograd_takes_the_aten_path_and_its_gradients():
+    """The kernel writes the gates into its activations in place, without autograd: with gradients enabled (say, for
+    input attributions) a prepared layer runs ATen ops, and d y / d x is the reference's."""
+    layer = trained_like(make_layer("goat", 8, 2, bias=True))
+    x = torch.randn(4, layer.in_features, dtype=torch.float64).requires_grad_(True)
+    W_res = svd_residual(layer.base_layer.weight, layer_config("goat", 8, 2))
+    y_ref, _ = reference_goat_forward(layer, x, W_res)
+    (grad_ref,) = torch.autograd.grad(y_ref.sum(), x)
+    prepared_layer_model(layer)
+    assert layer.prepared.kernel is not None, cpu_kernel.build_failure()
+    x32 = x.detach().float().requires_grad_(True)
+    layer(x32).sum().backward()
+    torch.testing.assert_close(x32.grad, grad_ref.float(), rtol=1e-4, atol=1e-4 * grad_ref.abs().max().item())
+
+
+def test_prepare_falls_back_to_aten_ops_and_says_why_when_the_kernel_cannot_be_built(monkeypatch):
+    def no_compiler():
+        raise RuntimeError("building failed\nerror: command 'c++' failed: No such file or directory")
+
+    monkeypatch.setattr(cpu_kernel, "_loaded", None)
+    monkeypatch.setattr(cpu_kernel, "_failure", None)
+    monkeypatch.setattr(cpu_kernel, "_build", no_compiler)
+    model, prepared = trained_llama(), trained_llama()
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"could not build its CPU decode kernel \(error: command 'c\+\+' failed.*"
+        r"ATen ops instead.*pip install ninja.*GOAT_HF_CPU_KERNEL=0",
+    ):
+        prepare_for_inference(prepared)
+    assert all(layer.prepared.kernel is None for layer in goat_layers(prepared).values())
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids).logits
+        torch.testing.assert_close(prepared(ids).logits, logits, rtol=1e-5, atol=1e-5 * logits.abs().max().item())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: a second model prepared in the process does not warn again
+        prepare_for_inference(trained_llama())
+
+
+def test_kernel_switched_off_is_never_built(monkeypatch):
+    def forbidden():
+        raise AssertionError("GOAT_HF_CPU_KERNEL=0 must not build the kernel")
+
+    monkeypatch.setenv("GOAT_HF_CPU_KERNEL", "0")
+    monkeypatch.setattr(cpu_kernel, "_loaded", None)
+    monkeypatch.setattr(cpu_kernel, "_build", forbidden)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = prepare_for_inference(trained_llama())
+    assert all(layer.prepared.kernel is None for layer in goat_layers(model).values())
