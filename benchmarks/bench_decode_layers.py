@@ -5,7 +5,8 @@ this times the layers alone, as a decode step meets them: SmolLM2-135M's seven a
 gate, up, down), six blocks in a row so that the frozen weights stream through the caches between the small ops as
 they do in the model (each op then costs more than in a hot loop), one token per sequence, no_grad, one thread.
 Each variant is the real module: nn.Linear ("merged": what a merged LoRA costs), a PEFT LoRA layer (r = 8, unmerged),
-GoatLinear on its default inference path and after prepare_for_inference (E = 8, top-2, r = 8). Variants alternate
+GoatLinear on its default inference path and after prepare_for_inference (E = 8, top-2, r = 8), both through the CPU
+decode kernel (goat_hf/cpu_kernel.py), and the prepared layer on ATen ops ("prepared, ATen ops"). Variants alternate
 round by round; medians. The layers' weights are random (the timings depend on shapes only).
 
     python benchmarks/bench_decode_layers.py --out benchmarks/results/bench_decode_layers_cpu.json
@@ -27,6 +28,7 @@ from bench_model import RANDOM_BASE_CONFIG, lora_model
 from torch import nn
 
 from goat_hf import GoatLinear
+from goat_hf.cpu_kernel import kernel_for
 from goat_hf.prepare import fold_for_serving
 
 
@@ -46,12 +48,15 @@ def build_layers(blocks: int) -> dict[str, list[nn.Module]]:
     merged = [nn.Linear(n, m, bias=False).requires_grad_(False) for n, m in SHAPES * blocks]
     goat = [GoatLinear.from_linear(copy.deepcopy(lin), GOAT).eval().requires_grad_(False) for lin in merged]
     prepared = [GoatLinear.from_linear(copy.deepcopy(lin), GOAT).eval().requires_grad_(False) for lin in merged]
-    for layer in prepared:
+    aten = [GoatLinear.from_linear(copy.deepcopy(lin), GOAT).eval().requires_grad_(False) for lin in merged]
+    for layer in prepared + aten:
         layer.prepared = fold_for_serving(layer)  # what prepare_for_inference does to each layer of a model
+    for layer in prepared:
+        layer.prepared.kernel = kernel_for(layer.base_layer.weight)  # as prepare_for_inference (cpu_kernel=True)
     holder = nn.ModuleDict({str(i): copy.deepcopy(lin) for i, lin in enumerate(merged)})
     lora = lora_model(holder, list(holder), r=GOAT.r).eval()  # the PEFT config bench_decode's LoRA variant uses
     lora_layers = [lora.base_model.model[str(i)] for i in range(len(merged))]
-    return {"merged": merged, "lora": lora_layers, "goat": goat, "goat prepared": prepared}
+    return {"merged": merged, "lora": lora_layers, "goat": goat, "goat prepared": prepared, "prepared, ATen ops": aten}
 
 
 def chain(layers: list[nn.Module], inputs: dict[int, torch.Tensor]) -> Callable[[], None]:
@@ -93,12 +98,14 @@ def main() -> None:
         f"Per adapted layer, one decode step (SmolLM2-135M shapes x {args.blocks} blocks, fp32, CPU, 1 thread, "
         f"median of {args.rounds} alternating rounds), µs:",
         "",
-        "| batch | merged | PEFT LoRA (+ over merged) | GOAT (+) | GOAT prepared (+) |",
-        "|---|---:|---:|---:|---:|",
+        "| batch | merged | PEFT LoRA (+ over merged) | GOAT (+) | GOAT prepared (+) | prepared, ATen ops (+) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for batch, result in results.items():
         us, extra = result["us_per_layer"], result["over_merged"]
-        cells = [f"{us['merged']:.1f}"] + [f"{us[n]:.1f} (+{extra[n]:.1f})" for n in ("lora", "goat", "goat prepared")]
+        cells = [f"{us['merged']:.1f}"] + [
+            f"{us[n]:.1f} (+{extra[n]:.1f})" for n in ("lora", "goat", "goat prepared", "prepared, ATen ops")
+        ]
         lines.append(f"| {batch} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print(text)

@@ -1,15 +1,16 @@
-"""The CPU decode kernel: a prepared GOAT layer's eager inference forward as one call from Python.
+"""The CPU decode kernel: a GOAT layer's eager inference forward as one call from Python.
 
 Why: a decoded token runs ~200 adapted layers, and on the CPU each ATen op called from Python costs 2-7 µs of dispatch
 (more right after W0's matmul has streamed megabytes through the caches). The ATen path (decode.fused_base_forward)
 is ten such ops per layer where a merged Linear is one, which made a SmolLM2-135M token 1.3-1.5x a merged LoRA's.
-csrc/decode_cpu.cpp makes the same ATen matmul calls from C++ and does the top-k gating in a loop, so a layer is one
-call from Python: measured 1.01x a merged Linear per layer at batch 1 and 1.05x at batch 8 (ATen path: 1.53x, 1.31x).
+csrc/decode_cpu.cpp makes the same matmul calls from C++ and does the top-k gating in a loop, so a layer is one call
+from Python (per layer, measured 1.01x a merged Linear at batch 1 and 1.05x at batch 8; ATen ops 1.53x and 1.31x).
 
-It is compiled on first use by torch.utils.cpp_extension (a C++ compiler and ninja; ~20 s on 2 cores) and cached in
-torch's extensions folder (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), so later processes load it in
-a fraction of a second. prepare_for_inference loads it for layers that serve from fp32 CPU weights; where it cannot
-be built, or with GOAT_HF_CPU_KERNEL=0, those layers keep the ATen path (the same numbers, slower) and say why once.
+A GOAT layer with a plain fp32 nn.Linear base on the CPU takes it by itself in eval mode under no_grad, and so does
+a prepared one (prepare_for_inference). It is compiled on first use by torch.utils.cpp_extension (a C++ compiler and
+ninja; ~20 s on 2 cores) and cached in torch's extensions folder (TORCH_EXTENSIONS_DIR, default
+~/.cache/torch_extensions): later processes load it in a tenth of a second. Where it cannot be built, or with
+GOAT_HF_CPU_KERNEL=0, the layers keep the ATen path (the same numbers, slower), and say why once.
 """
 
 from __future__ import annotations
@@ -67,10 +68,11 @@ def build_failure() -> str | None:
 
 
 def _build():
-    from torch.utils.cpp_extension import get_default_build_root, load  # setuptools machinery: only when wanted
+    from torch.utils import cpp_extension  # setuptools machinery: imported only when a kernel is wanted
 
-    if not (Path(get_default_build_root()) / NAME / f"{NAME}.so").exists():  # a build, not a load
+    build_directory = getattr(cpp_extension, "_get_build_directory", None)  # private: used for this message only
+    if build_directory is not None and not any(Path(build_directory(NAME, verbose=False)).glob(f"{NAME}*.so")):
         logger.warning(
             "goat_hf: compiling the CPU decode kernel, once per machine (~20 s; %s=0 skips)", DISABLE_VARIABLE
         )
-    return load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
+    return cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)

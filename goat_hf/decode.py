@@ -14,7 +14,8 @@ s is folded into B and -c·s into A0 once per weight change (the layer caches an
 weights are a plain softmax. The factors are kept transposed and contiguous: two small `mm`s cost less than one
 matmul of x with [W_r; A] split in two (a `split` is an op of its own), and far less than stacking them under W0
 (measured: a matmul of W0 with 16 extra rows ran up to 20 µs slower per layer than W0's). After
-`prepare_for_inference` W0 itself holds W_res = W0 - c·s·B0 A0 and the residual's columns are gone.
+`prepare_for_inference` W0 itself holds W_res = W0 - c·s·B0 A0 and the residual's columns are gone. On the CPU with
+an fp32 base, the same maths runs as one call from Python to a C++ kernel (cpu_kernel.py), where it can be built.
 
 Under torch.compile (`traced_adapter`) the same maths is written for inductor instead: a decode step's small matmuls
 as products and sums, the top-k as k rounds of argmax, so that the whole adapter becomes one generated kernel beside
