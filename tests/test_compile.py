@@ -19,7 +19,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from transformers import CompileConfig
 
 import goat_hf.layer as goat_layer_module
-from goat_hf import GoatConfig, get_goat_model, goat_layers, prepare_for_inference
+from goat_hf import GoatConfig, cpu_kernel, get_goat_model, goat_layers, prepare_for_inference
 from goat_hf.decode import SUMMED_TOKENS, fusable_top_k_gates, top_k_gates
 
 CONFIG = GoatConfig(r=8, num_experts=4, top_k=2)
@@ -37,6 +37,22 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture(autouse=True)
+def traced_forward(monkeypatch):
+    """The traced forward unless a test loads the CPU kernel (use_cpu_kernel): which one a compiled CPU layer takes
+    depends on whether the process has the kernel, so each test says which it tests."""
+    monkeypatch.setattr(cpu_kernel, "_loaded", None)
+    monkeypatch.setenv("GOAT_HF_CPU_KERNEL", "0")  # nor may an eager call load it
+
+
+def use_cpu_kernel(monkeypatch) -> None:
+    monkeypatch.delenv("GOAT_HF_CPU_KERNEL")
+    assert cpu_kernel.decode_kernel() is not None, cpu_kernel.build_failure()
+
+
+KERNEL = pytest.mark.parametrize("kernel", [False, True], ids=["traced", "cpu-kernel"])
+
+
 def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """fp32 rounding, through two decoder layers: the compiled path applies s as addmm's alpha where the eager one
     folded it into B (a stale or wrong weight moves the logits by ~0.1 and more)."""
@@ -51,8 +67,11 @@ CASES = {
 }
 
 
+@KERNEL
 @pytest.mark.parametrize(("config", "prepared"), CASES.values(), ids=CASES.keys())
-def test_compiled_forward_is_one_graph_with_the_eager_outputs(config, prepared):
+def test_compiled_forward_is_one_graph_with_the_eager_outputs(config, prepared, kernel, monkeypatch):
+    if kernel:
+        use_cpu_kernel(monkeypatch)
     model = trained_llama(config)
     if prepared:
         prepare_for_inference(model)
@@ -70,9 +89,12 @@ def test_compiled_forward_on_a_bf16_base_rounds_as_eager_does():
         assert torch.equal(compiled(IDS).logits, model(IDS).logits)
 
 
-def test_compiled_forward_sees_weight_changes():
+@KERNEL
+def test_compiled_forward_sees_weight_changes(kernel, monkeypatch):
     """A compiled evaluation after more training steps must use the new weights, not the ones the eager cache held
     (the bug: reading the cached stacked weights in the graph, where their version key cannot be checked)."""
+    if kernel:
+        use_cpu_kernel(monkeypatch)
     model = trained_llama()
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad():
@@ -85,9 +107,12 @@ def test_compiled_forward_sees_weight_changes():
     assert (after - before).abs().max() > 1e-3
 
 
-def test_generate_with_a_static_cache_compiles_without_graph_breaks():
+@KERNEL
+def test_generate_with_a_static_cache_compiles_without_graph_breaks(kernel, monkeypatch):
     """What `generate` does with `cache_implementation="static"` and a compile config (on CPU it must be asked):
     the decode step is compiled with fullgraph=True, so any graph break raises; the greedy tokens are eager's."""
+    if kernel:
+        use_cpu_kernel(monkeypatch)
     model = trained_llama()
     with torch.no_grad():
         eager = model.generate(IDS, do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
@@ -134,6 +159,35 @@ def test_compiled_layer_matches_per_expert_reference(num_experts, top_k, path, t
     torch.testing.assert_close(y, y_ref.detach(), rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
 
 
+@pytest.mark.parametrize("tokens", TOKENS.values(), ids=TOKENS.keys())
+@pytest.mark.parametrize("prepared", [False, True], ids=["default", "prepared"])
+@pytest.mark.parametrize(("num_experts", "top_k"), EXPERTS_TOPK, ids=[f"E{E}-k{k}" for E, k in EXPERTS_TOPK])
+def test_compiled_cpu_kernel_operator_matches_per_expert_reference(num_experts, top_k, prepared, tokens, monkeypatch):
+    """With the CPU kernel loaded, a compiled fp32 CPU layer is one call of its operator in the graph (the layer's
+    own factors by default, prepare's folded weights when prepared), judged by the loop reference."""
+    use_cpu_kernel(monkeypatch)
+    layer = trained_like(make_layer("goat", num_experts, top_k)).eval()
+    x = torch.randn(tokens, layer.in_features)
+    y_ref, _ = reference_goat_forward(
+        layer, x, svd_residual(layer.base_layer.weight, layer_config("goat", num_experts, top_k))
+    )
+    if prepared:
+        prepared_layer_model(layer)
+    graphs = []
+
+    def keep_graph(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    with torch.no_grad():
+        y = torch.compile(layer, fullgraph=True, backend=keep_graph)(x)
+    (graph,) = graphs
+    ops = [node.target for node in graph.graph.nodes if node.op == "call_function"]
+    expected = torch.ops.goat_hf.decode_forward if prepared else torch.ops.goat_hf.decode_factors
+    assert [op for op in ops if "goat_hf" in str(op)] == [expected], ops
+    torch.testing.assert_close(y, y_ref.detach(), rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
+
+
 def test_a_prepared_model_cast_after_prepare_drops_its_extended_weights():
     """A cast replaces each base weight: [W_res | s·B] would be stale, and would keep an fp32 copy of the base alive."""
     model = prepare_for_inference(trained_llama())
@@ -173,18 +227,28 @@ def test_argmax_gates_break_ties_towards_the_lower_index():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("path", "calls"),
-    [("default", ["matmul", "kernel"]), ("prepared", ["kernel", "matmul"])],
-    ids=["default", "prepared"],
+    ("path", "kernel", "calls"),
+    [
+        ("default", False, ["matmul", "kernel"]),
+        ("prepared", False, ["kernel", "matmul"]),
+        ("default", True, ["torch.ops.goat_hf.decode_factors.default"]),
+        ("prepared", True, ["torch.ops.goat_hf.decode_forward.default"]),
+    ],
+    ids=["default", "prepared", "cpu-kernel-default", "cpu-kernel-prepared"],
 )
-def test_inductor_writes_one_kernel_beside_one_matmul_per_layer(path, calls):
+def test_inductor_writes_one_kernel_beside_one_matmul_per_layer(path, kernel, calls, monkeypatch):
     """What the compiled decode speed rests on (bench_decode.py --compile): a decode step's layer is one library
     matmul and one generated kernel, after it (default: W0 x + b, then the whole adapter added) or before it (prepared
-    fp32: gates and [x; g ⊙ low], then one matmul with [W_res | s·B] and the bias)."""
+    fp32: gates and [x; g ⊙ low], then one matmul with [W_res | s·B] and the bias); with the CPU kernel loaded, one
+    call of its operator and nothing else."""
+    if kernel:
+        use_cpu_kernel(monkeypatch)
     layer = trained_like(make_layer("goat", 8, 2)).eval()
     if path == "prepared":
         prepared_layer_model(layer)
     with torch.no_grad():
         _, (code,) = run_and_get_code(torch.compile(layer, fullgraph=True), torch.randn(1, 1, layer.in_features))
-    called = re.findall(r"(cpp_fused_\w+|extern_kernels\.\w+)\(", code[code.index("def call(") :])
-    assert ["kernel" if name.startswith("cpp_fused") else "matmul" for name in called] == calls, called
+    pattern = r"(cpp_fused_\w+|extern_kernels\.\w+|torch\.ops\.goat_hf\.\w+\.default)\("
+    called = re.findall(pattern, code[code.index("def call(") :])
+    kinds = {"cpp_fused": "kernel", "extern_kernels": "matmul"}
+    assert [next((k for p, k in kinds.items() if name.startswith(p)), name) for name in called] == calls, called

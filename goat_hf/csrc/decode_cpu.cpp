@@ -6,7 +6,9 @@
 // per token, is a loop here instead of five ATen ops.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <torch/library.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <cmath>
@@ -48,34 +50,97 @@ void gate_experts(const at::Tensor& logits, at::Tensor& low, int64_t top_k, int6
   }
 }
 
-at::Tensor decode_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                          const at::Tensor& router_t, const at::Tensor& down_t, const at::Tensor& up_t, int64_t top_k,
-                          int64_t expert_columns) {
+// [..., m] for inputs [..., n]: `out` [T, m] viewed in x's leading shape.
+at::Tensor in_input_shape(const at::Tensor& out, const at::Tensor& x) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out.size(1);
+  return out.view(shape);
+}
+
+at::Tensor tokens_of(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), "goat_hf decode kernel: x must be [..., ", weight.size(1),
               "], got ", x.sizes());
   check_fp32_cpu(x, "x", false);
-  const at::Tensor tokens = x.reshape({-1, x.size(-1)});  // [T, n]
   check_fp32_cpu(weight, "weight");
+  return x.reshape({-1, x.size(-1)});  // [T, n]
+}
+
+void check_routing(int64_t E, int64_t top_k, int64_t expert_columns, int64_t columns) {
+  TORCH_CHECK(top_k >= 1 && top_k <= E, "goat_hf decode kernel: top_k must be in [1, ", E, "], got ", top_k);
+  TORCH_CHECK(expert_columns >= E && expert_columns % E == 0 && expert_columns <= columns,
+              "goat_hf decode kernel: expert_columns (", expert_columns, ") must be a multiple of E (", E,
+              ") and at most down_t's ", columns, " columns");
+}
+
+// From the folded weights the eager path caches (decode.InferenceWeights): router_t = W_rᵀ [n, E],
+// down_t = [A; -c·s·A0]ᵀ [n, cols], up_t = [s·B | B0]ᵀ [cols, m].
+at::Tensor decode_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                          const at::Tensor& router_t, const at::Tensor& down_t, const at::Tensor& up_t, int64_t top_k,
+                          int64_t expert_columns) {
+  const at::Tensor tokens = tokens_of(x, weight);
   check_fp32_cpu(router_t, "router_t");
   check_fp32_cpu(down_t, "down_t");
   check_fp32_cpu(up_t, "up_t");
-  const int64_t E = router_t.size(1);
-  TORCH_CHECK(top_k >= 1 && top_k <= E, "goat_hf decode kernel: top_k must be in [1, ", E, "], got ", top_k);
-  TORCH_CHECK(expert_columns >= E && expert_columns % E == 0 && expert_columns <= down_t.size(1),
-              "goat_hf decode kernel: expert_columns (", expert_columns, ") must be a multiple of E (", E,
-              ") and at most down_t's ", down_t.size(1), " columns");
+  check_routing(router_t.size(1), top_k, expert_columns, down_t.size(1));
   at::Tensor out = at::linear(tokens, weight, bias);  // [T, m]
   at::Tensor logits = at::mm(tokens, router_t).contiguous();  // [T, E]
   at::Tensor low = at::mm(tokens, down_t).contiguous();  // [T, cols]
   gate_experts(logits, low, top_k, expert_columns);
-  out.addmm_(low, up_t);
+  return in_input_shape(out.addmm_(low, up_t), x);
+}
+
+// From the layer's own factors, for torch.compile (where the cached folded copies cannot be version-checked):
+// router [E, n], A [r, n], B [m, r] and, unless prepare folded it into W0, the residual's A0 [r, n], B0 [m, r].
+at::Tensor decode_factors(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                          const at::Tensor& router, const at::Tensor& A, const at::Tensor& B,
+                          const c10::optional<at::Tensor>& A0, const c10::optional<at::Tensor>& B0, double scaling,
+                          double correction, int64_t top_k) {
+  const at::Tensor tokens = tokens_of(x, weight);
+  check_fp32_cpu(router, "router");
+  check_fp32_cpu(A, "expert_A");
+  check_fp32_cpu(B, "expert_B");
+  check_routing(router.size(0), top_k, A.size(0), A.size(0));
+  at::Tensor out = at::linear(tokens, weight, bias);
+  at::Tensor logits = at::mm(tokens, router.t()).contiguous();
+  at::Tensor low = at::mm(tokens, A.t()).contiguous();
+  gate_experts(logits, low, top_k, A.size(0));
+  out.addmm_(low, B.t(), 1.0, scaling);
+  if (A0.has_value()) out.addmm_(at::mm(tokens, A0->t()), B0->t(), 1.0, correction);
+  return in_input_shape(out, x);
+}
+
+// Shapes only, for tracing (torch.compile's fake tensors).
+at::Tensor decode_meta(const at::Tensor& x, const at::Tensor& weight) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = weight.size(0);
-  return out.view(shape);  // [..., m]
+  return at::empty(shape, x.options());
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_forward", &decode_forward, "W0 x + b plus a GOAT adapter's inference output, for fp32 CPU inputs [..., n]");
+}
+
+// The same two as operators (torch.ops.goat_hf.*), which torch.compile calls from a graph without a break.
+TORCH_LIBRARY(goat_hf, m) {
+  m.def("decode_forward(Tensor x, Tensor weight, Tensor? bias, Tensor router_t, Tensor down_t, Tensor up_t, "
+        "int top_k, int expert_columns) -> Tensor");
+  m.def("decode_factors(Tensor x, Tensor weight, Tensor? bias, Tensor router, Tensor A, Tensor B, Tensor? A0, "
+        "Tensor? B0, float scaling, float correction, int top_k) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(goat_hf, CPU, m) {
+  m.impl("decode_forward", &decode_forward);
+  m.impl("decode_factors", &decode_factors);
+}
+
+TORCH_LIBRARY_IMPL(goat_hf, Meta, m) {
+  m.impl("decode_forward", [](const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>&,
+                              const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                              int64_t) { return decode_meta(x, weight); });
+  m.impl("decode_factors", [](const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>&,
+                              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double, double,
+                              int64_t) { return decode_meta(x, weight); });
 }
