@@ -29,6 +29,7 @@ from torch import nn
 
 from goat_hf import GoatLinear
 from goat_hf.cpu_kernel import kernel_for
+from goat_hf.decode import attach_kernel_
 from goat_hf.prepare import fold_for_serving
 
 
@@ -52,7 +53,7 @@ def build_layers(blocks: int) -> dict[str, list[nn.Module]]:
     for layer in prepared + aten:
         layer.prepared = fold_for_serving(layer)  # what prepare_for_inference does to each layer of a model
     for layer in prepared:
-        layer.prepared.kernel = kernel_for(layer.base_layer.weight)  # as prepare_for_inference (cpu_kernel=True)
+        attach_kernel_(layer.prepared, kernel_for(layer.base_layer.weight))  # as prepare_for_inference does
     holder = nn.ModuleDict({str(i): copy.deepcopy(lin) for i, lin in enumerate(merged)})
     lora = lora_model(holder, list(holder), r=GOAT.r).eval()  # the PEFT config bench_decode's LoRA variant uses
     lora_layers = [lora.base_model.model[str(i)] for i in range(len(merged))]

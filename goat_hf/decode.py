@@ -48,8 +48,10 @@ class InferenceWeights:
     # n columns, so that a compiled step's up-projection runs inside W0's matmul; and [W_r; A] [E + r, n]
     extended_weight: torch.Tensor | None = None
     router_down: torch.Tensor | None = None
-    # fp32 CPU bases: the CPU decode kernel (cpu_kernel.py), W0 x + b plus the adapter in one call from Python
+    # fp32 CPU bases (attach_kernel_): the CPU decode kernel (cpu_kernel.py), W0 x + b plus the adapter in one call
+    # from Python, and [W_rᵀ | down_t] [n, E + cols] for its one matmul (router_t and down_t then views of it)
     kernel: Callable[..., torch.Tensor] | None = None
+    router_down_t: torch.Tensor | None = None
 
 
 def top_k_gates(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -87,6 +89,17 @@ def inference_weights(
         down_t, up_t = torch.cat(downs).T.contiguous(), torch.cat(ups, dim=1).T.contiguous()
     sources = tuple(t.detach() for t in (router_weight, expert_A, expert_B, residual_A, residual_B) if t is not None)
     return InferenceWeights(router_t, down_t, up_t, expert_A.shape[0], key, sources)
+
+
+def attach_kernel_(w: InferenceWeights, kernel: Callable[..., torch.Tensor] | None) -> InferenceWeights:
+    """Give `w` the CPU kernel (None: leave it to ATen ops) and the one [n, E + cols] matrix it multiplies x with;
+    router_t and down_t become views of it, so the layer holds no second copy."""
+    if kernel is not None:
+        E = w.router_t.shape[1]
+        w.router_down_t = torch.cat([w.router_t, w.down_t], dim=1)
+        w.router_t, w.down_t = w.router_down_t[:, :E], w.router_down_t[:, E:]
+        w.kernel = kernel
+    return w
 
 
 def gated_low_rank(tokens: torch.Tensor, w: InferenceWeights, top_k: int) -> torch.Tensor:

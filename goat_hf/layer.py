@@ -14,6 +14,7 @@ from .cpu_kernel import kernel_for, kernel_loaded
 from .decode import (
     InferenceWeights,
     adapter_delta,
+    attach_kernel_,
     fused_base_forward,
     inference_weights,
     traced_adapter,
@@ -193,7 +194,8 @@ class GoatLinear(nn.Module):
             self._check_prepared_call(prepared, x)
         base = self._modules["base_layer"]
         if torch.compiler.is_compiling():
-            if kernel_loaded() and x.device.type == "cpu" and self._base_fuses(base, x):
+            kernel = prepared.kernel is not None if prepared is not None else kernel_loaded()
+            if kernel and x.device.type == "cpu" and self._base_fuses(base, x):
                 return self._compiled_kernel_forward(x, base, prepared)
             if prepared is not None and prepared.extended_weight is not None and self._base_fuses(base, x):
                 out = traced_extended_forward(x.reshape(-1, x.shape[-1]), base.bias, prepared, self.top_k)
@@ -204,7 +206,9 @@ class GoatLinear(nn.Module):
             params = base._parameters
             w, weight, bias = weights, params["weight"], params["bias"]
             if w.kernel is not None and not torch.is_grad_enabled():  # it gates in place, outside autograd
-                return w.kernel(x, weight, bias, w.router_t, w.down_t, w.up_t, self.top_k, w.expert_columns)
+                return w.kernel(
+                    x, weight, bias, w.router_down_t, w.up_t, self.num_experts, self.top_k, w.expert_columns
+                )
             tokens = x.reshape(-1, x.shape[-1])  # [T, n]
             out = fused_base_forward(tokens, weight, bias, weights, self.top_k)
             return out.view(*x.shape[:-1], out.shape[1])
@@ -222,7 +226,7 @@ class GoatLinear(nn.Module):
         if prepared is not None:
             w = prepared
             return torch.ops.goat_hf.decode_forward(
-                x, base.weight, base.bias, w.router_t, w.down_t, w.up_t, self.top_k, w.expert_columns
+                x, base.weight, base.bias, w.router_down_t, w.up_t, self.num_experts, self.top_k, w.expert_columns
             )
         return torch.ops.goat_hf.decode_factors(
             x,
@@ -287,7 +291,7 @@ class GoatLinear(nn.Module):
             cache = inference_weights(router, A, B, A0, B0, self.scaling, self.correction, key)
             base = self._modules["base_layer"]
             if type(base) is nn.Linear:  # the CPU kernel serves plain fp32 CPU bases (cpu_kernel.py)
-                cache.kernel = kernel_for(base.weight)
+                attach_kernel_(cache, kernel_for(base.weight))
             self._inference_cache = cache
         return cache
 

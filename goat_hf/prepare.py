@@ -16,7 +16,7 @@ from torch import nn
 
 from .adapter_io import base_tensors
 from .cpu_kernel import kernel_for
-from .decode import InferenceWeights, extend_base_weight_, inference_weights
+from .decode import InferenceWeights, attach_kernel_, extend_base_weight_, inference_weights
 from .fingerprint import fingerprint_record
 from .layer import GoatLinear
 from .model import goat_layers, require_goat_state
@@ -42,8 +42,9 @@ def prepare_for_inference(model: nn.Module, cpu_kernel: bool = True) -> nn.Modul
     state.prepared_base = fingerprint_record(base_tensors(model))  # of W0: what the adapter was trained on
     model.eval()
     for layer in layers.values():
-        layer.prepared = fold_for_serving(layer)
-        layer.prepared.kernel = kernel_for(layer.base_layer.weight) if cpu_kernel else None
+        layer.prepared = attach_kernel_(
+            fold_for_serving(layer), kernel_for(layer.base_layer.weight) if cpu_kernel else None
+        )
         layer.base_layer.register_state_dict_pre_hook(_refuse_base_weights)
         layer.requires_grad_(False)
     return model

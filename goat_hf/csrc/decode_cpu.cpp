@@ -22,16 +22,18 @@ void check_fp32_cpu(const at::Tensor& t, const char* name, bool matrix = true) {
               t.scalar_type(), " ", t.sizes(), " on ", t.device());
 }
 
-// Scale each token's expert columns of `low` [T, cols] by their expert's top-k gate (0 off the top-k); ties go to the
-// lower index, as in decode.fusable_top_k_gates.
-void gate_experts(const at::Tensor& logits, at::Tensor& low, int64_t top_k, int64_t expert_columns) {
-  const int64_t T = logits.size(0), E = logits.size(1), cols = low.size(1), d = expert_columns / E;
+// Scale each token's expert columns of `low` [T, >= expert_columns] by their expert's top-k gate (0 off the top-k);
+// ties go to the lower index, as in decode.fusable_top_k_gates. Both may be column slices of one matrix (row strides).
+void gate_experts(const at::Tensor& logits, const at::Tensor& low, int64_t top_k, int64_t expert_columns) {
+  TORCH_INTERNAL_ASSERT(logits.stride(1) == 1 && low.stride(1) == 1);
+  const int64_t T = logits.size(0), E = logits.size(1), d = expert_columns / E;
+  const int64_t logits_stride = logits.stride(0), low_stride = low.stride(0);
   const float* all_logits = logits.data_ptr<float>();
   float* all_low = low.data_ptr<float>();
   std::vector<float> gate(E);
   std::vector<char> picked(E);
   for (int64_t t = 0; t < T; ++t) {
-    const float* l = all_logits + t * E;
+    const float* l = all_logits + t * logits_stride;
     std::fill(gate.begin(), gate.end(), 0.f);
     std::fill(picked.begin(), picked.end(), 0);
     float top = 0.f, total = 0.f;
@@ -45,7 +47,7 @@ void gate_experts(const at::Tensor& logits, at::Tensor& low, int64_t top_k, int6
       gate[best] = std::exp(l[best] - top);
       total += gate[best];
     }
-    float* row = all_low + t * cols;
+    float* row = all_low + t * low_stride;
     for (int64_t c = 0; c < expert_columns; ++c) row[c] *= gate[c / d] / total;
   }
 }
@@ -69,23 +71,25 @@ void check_routing(int64_t E, int64_t top_k, int64_t expert_columns, int64_t col
   TORCH_CHECK(top_k >= 1 && top_k <= E, "goat_hf decode kernel: top_k must be in [1, ", E, "], got ", top_k);
   TORCH_CHECK(expert_columns >= E && expert_columns % E == 0 && expert_columns <= columns,
               "goat_hf decode kernel: expert_columns (", expert_columns, ") must be a multiple of E (", E,
-              ") and at most down_t's ", columns, " columns");
+              ") and at most the ", columns, " columns of activations");
 }
 
-// From the folded weights the eager path caches (decode.InferenceWeights): router_t = W_rᵀ [n, E],
-// down_t = [A; -c·s·A0]ᵀ [n, cols], up_t = [s·B | B0]ᵀ [cols, m].
+// From the folded weights the eager path caches (decode.InferenceWeights): router_down_t = [W_rᵀ | A'ᵀ] [n, E + cols]
+// with A' = [A; -c·s·A0], one matmul for the logits and the activations, and up_t = [s·B | B0]ᵀ [cols, m].
 at::Tensor decode_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                          const at::Tensor& router_t, const at::Tensor& down_t, const at::Tensor& up_t, int64_t top_k,
+                          const at::Tensor& router_down_t, const at::Tensor& up_t, int64_t num_experts, int64_t top_k,
                           int64_t expert_columns) {
   const at::Tensor tokens = tokens_of(x, weight);
-  check_fp32_cpu(router_t, "router_t");
-  check_fp32_cpu(down_t, "down_t");
+  check_fp32_cpu(router_down_t, "router_down_t");
   check_fp32_cpu(up_t, "up_t");
-  check_routing(router_t.size(1), top_k, expert_columns, down_t.size(1));
+  const int64_t columns = up_t.size(0);
+  TORCH_CHECK(router_down_t.size(1) == num_experts + columns, "goat_hf decode kernel: router_down_t must have E + ",
+              columns, " = ", num_experts + columns, " columns, got ", router_down_t.size(1));
+  check_routing(num_experts, top_k, expert_columns, columns);
   at::Tensor out = at::linear(tokens, weight, bias);  // [T, m]
-  at::Tensor logits = at::mm(tokens, router_t).contiguous();  // [T, E]
-  at::Tensor low = at::mm(tokens, down_t).contiguous();  // [T, cols]
-  gate_experts(logits, low, top_k, expert_columns);
+  at::Tensor both = at::mm(tokens, router_down_t);  // [T, E + cols]: logits | activations
+  at::Tensor low = both.narrow(1, num_experts, columns);
+  gate_experts(both.narrow(1, 0, num_experts), low, top_k, expert_columns);
   return in_input_shape(out.addmm_(low, up_t), x);
 }
 
@@ -104,7 +108,7 @@ at::Tensor decode_factors(const at::Tensor& x, const at::Tensor& weight, const c
   at::Tensor logits = at::mm(tokens, router.t()).contiguous();
   at::Tensor low = at::mm(tokens, A.t()).contiguous();
   gate_experts(logits, low, top_k, A.size(0));
-  out.addmm_(low, B.t(), 1.0, scaling);
+  out.addmm_(low, B.t(), 1.0, scaling);  // s as alpha: B itself is the parameter
   if (A0.has_value()) out.addmm_(at::mm(tokens, A0->t()), B0->t(), 1.0, correction);
   return in_input_shape(out, x);
 }
@@ -124,7 +128,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
 // The same two as operators (torch.ops.goat_hf.*), which torch.compile calls from a graph without a break.
 TORCH_LIBRARY(goat_hf, m) {
-  m.def("decode_forward(Tensor x, Tensor weight, Tensor? bias, Tensor router_t, Tensor down_t, Tensor up_t, "
+  m.def("decode_forward(Tensor x, Tensor weight, Tensor? bias, Tensor router_down_t, Tensor up_t, int num_experts, "
         "int top_k, int expert_columns) -> Tensor");
   m.def("decode_factors(Tensor x, Tensor weight, Tensor? bias, Tensor router, Tensor A, Tensor B, Tensor? A0, "
         "Tensor? B0, float scaling, float correction, int top_k) -> Tensor");
@@ -137,7 +141,7 @@ TORCH_LIBRARY_IMPL(goat_hf, CPU, m) {
 
 TORCH_LIBRARY_IMPL(goat_hf, Meta, m) {
   m.impl("decode_forward", [](const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>&,
-                              const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                              const at::Tensor&, const at::Tensor&, int64_t, int64_t,
                               int64_t) { return decode_meta(x, weight); });
   m.impl("decode_factors", [](const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>&,
                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
