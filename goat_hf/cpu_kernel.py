@@ -62,12 +62,6 @@ def decode_kernel() -> Callable[..., torch.Tensor] | None:
     return _loaded
 
 
-def kernel_loaded() -> bool:
-    """Whether this process has the kernel: its operators (torch.ops.goat_hf) then exist for torch.compile, which
-    cannot build it inside a graph (the eager prefill before a compiled decode step loads it)."""
-    return _loaded is not None
-
-
 def build_failure() -> str | None:
     """Why the kernel could not be built in this process (None: built, or not tried)."""
     return _failure

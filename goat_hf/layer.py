@@ -10,7 +10,7 @@ from torch import nn
 
 from .base_weights import dense_weight
 from .config import GoatConfig
-from .cpu_kernel import kernel_for, kernel_loaded
+from .cpu_kernel import kernel_for
 from .decode import (
     InferenceWeights,
     adapter_delta,
@@ -194,9 +194,11 @@ class GoatLinear(nn.Module):
             self._check_prepared_call(prepared, x)
         base = self._modules["base_layer"]
         if torch.compiler.is_compiling():
-            kernel = prepared.kernel is not None if prepared is not None else kernel_loaded()
-            if kernel and x.device.type == "cpu" and self._base_fuses(base, x):
-                return self._compiled_kernel_forward(x, base, prepared)
+            if prepared is not None and prepared.kernel is not None and self._base_fuses(base, x):
+                w = prepared  # the CPU kernel's operator: one call in the graph (prepare's weights never change)
+                return torch.ops.goat_hf.decode_forward(
+                    x, base.weight, base.bias, w.router_down_t, w.up_t, self.num_experts, self.top_k, w.expert_columns
+                )
             if prepared is not None and prepared.extended_weight is not None and self._base_fuses(base, x):
                 out = traced_extended_forward(x.reshape(-1, x.shape[-1]), base.bias, prepared, self.top_k)
                 return out.view(*x.shape[:-1], out.shape[1])
@@ -216,31 +218,6 @@ class GoatLinear(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             delta = adapter_delta(x.reshape(-1, x.shape[-1]).to(torch.float32), weights, self.top_k)
         return result + delta.view(result.shape).to(result.dtype)
-
-    def _compiled_kernel_forward(
-        self, x: torch.Tensor, base: nn.Linear, prepared: InferenceWeights | None
-    ) -> torch.Tensor:
-        """Under torch.compile on the CPU: the CPU kernel as an operator (torch.ops.goat_hf), one call per layer in
-        the compiled graph where the traced forward is W0's matmul and a generated kernel. A prepared layer passes
-        the weights prepare folded (they never change); the default one its own factors, read at every call."""
-        if prepared is not None:
-            w = prepared
-            return torch.ops.goat_hf.decode_forward(
-                x, base.weight, base.bias, w.router_down_t, w.up_t, self.num_experts, self.top_k, w.expert_columns
-            )
-        return torch.ops.goat_hf.decode_factors(
-            x,
-            base.weight,
-            base.bias,
-            self.router.weight,
-            self.expert_A,
-            self.expert_B,
-            self.residual_A,
-            self.residual_B,
-            self.scaling,
-            self.correction,
-            self.top_k,
-        )
 
     def _traced_forward(self, x: torch.Tensor, with_residual: bool) -> torch.Tensor:
         """The inference forward under torch.compile (decode.traced_adapter): from the factors themselves, the

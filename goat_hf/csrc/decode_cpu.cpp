@@ -93,26 +93,6 @@ at::Tensor decode_forward(const at::Tensor& x, const at::Tensor& weight, const c
   return in_input_shape(out.addmm_(low, up_t), x);
 }
 
-// From the layer's own factors, for torch.compile (where the cached folded copies cannot be version-checked):
-// router [E, n], A [r, n], B [m, r] and, unless prepare folded it into W0, the residual's A0 [r, n], B0 [m, r].
-at::Tensor decode_factors(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                          const at::Tensor& router, const at::Tensor& A, const at::Tensor& B,
-                          const c10::optional<at::Tensor>& A0, const c10::optional<at::Tensor>& B0, double scaling,
-                          double correction, int64_t top_k) {
-  const at::Tensor tokens = tokens_of(x, weight);
-  check_fp32_cpu(router, "router");
-  check_fp32_cpu(A, "expert_A");
-  check_fp32_cpu(B, "expert_B");
-  check_routing(router.size(0), top_k, A.size(0), A.size(0));
-  at::Tensor out = at::linear(tokens, weight, bias);
-  at::Tensor logits = at::mm(tokens, router.t()).contiguous();
-  at::Tensor low = at::mm(tokens, A.t()).contiguous();
-  gate_experts(logits, low, top_k, A.size(0));
-  out.addmm_(low, B.t(), 1.0, scaling);  // s as alpha: B itself is the parameter
-  if (A0.has_value()) out.addmm_(at::mm(tokens, A0->t()), B0->t(), 1.0, correction);
-  return in_input_shape(out, x);
-}
-
 // Shapes only, for tracing (torch.compile's fake tensors).
 at::Tensor decode_meta(const at::Tensor& x, const at::Tensor& weight) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -126,25 +106,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_forward", &decode_forward, "W0 x + b plus a GOAT adapter's inference output, for fp32 CPU inputs [..., n]");
 }
 
-// The same two as operators (torch.ops.goat_hf.*), which torch.compile calls from a graph without a break.
+// The same as an operator (torch.ops.goat_hf.decode_forward), which torch.compile calls from a graph without a break.
 TORCH_LIBRARY(goat_hf, m) {
   m.def("decode_forward(Tensor x, Tensor weight, Tensor? bias, Tensor router_down_t, Tensor up_t, int num_experts, "
         "int top_k, int expert_columns) -> Tensor");
-  m.def("decode_factors(Tensor x, Tensor weight, Tensor? bias, Tensor router, Tensor A, Tensor B, Tensor? A0, "
-        "Tensor? B0, float scaling, float correction, int top_k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(goat_hf, CPU, m) {
   m.impl("decode_forward", &decode_forward);
-  m.impl("decode_factors", &decode_factors);
 }
 
 TORCH_LIBRARY_IMPL(goat_hf, Meta, m) {
   m.impl("decode_forward", [](const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>&,
                               const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                              int64_t) { return decode_meta(x, weight); });
-  m.impl("decode_factors", [](const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>&,
-                              const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double, double,
                               int64_t) { return decode_meta(x, weight); });
 }
