@@ -3,15 +3,14 @@
 Why: issue 24. A GOAT adapter can never be merged away (its routing is per token), so what one generated token costs
 is paid on every token a trained adapter ever serves. "merged" is the base alone: a merged LoRA costs exactly that.
 "goat" is the default inference path (eval, no_grad: goat_hf/decode.py), "goat prepared" the same adapter after
-`goat_hf.prepare_for_inference` (residual folded into W0 in place). On the CPU both decode through goat_hf's C++
-kernel (goat_hf/cpu_kernel.py) in eager mode, and a compiled prepared model calls it as an operator in the graph.
-"goat prepared, no CPU kernel" is the prepared model without it (eager: ATen ops; compiled: inductor's kernel, then
-one matmul with [W_res | s·B]), and "goat prepared, addmm" that model with the up-projection added after W0's matmul
-instead, as before [W_res | s·B]: each an A/B of one change. GOAT: E = 8, top-2, r = 8 on every Linear but the head;
-LoRA: PEFT r = 8 on exactly the same modules. KV cache, greedy, `min_new_tokens` = `max_new_tokens` so every variant
-decodes the same count. The time per token is taken between the first and the last call of a logits processor (decode
-steps only, the prefill left out). Variants alternate within each round; each figure is a median over rounds and each
-ratio the median of per-round ratios.
+`goat_hf.prepare_for_inference` (residual folded into W0 in place). Eager on the CPU both decode through goat_hf's C++
+kernel (goat_hf/cpu_kernel.py); "goat prepared, no CPU kernel" is the prepared model without it (ATen ops). Compiled,
+none calls the kernel: a prepared layer is inductor's kernel, then one matmul with [W_res | s·B], and "goat prepared,
+addmm" adds the up-projection after W0's matmul instead, as before [W_res | s·B]. Each of the two is an A/B of one
+change. GOAT: E = 8, top-2, r = 8 on every Linear but the head; LoRA: PEFT r = 8 on exactly the same modules. KV
+cache, greedy, `min_new_tokens` = `max_new_tokens` so every variant decodes the same count. The time per token is
+taken between the first and the last call of a logits processor (decode steps only, the prefill left out). Variants
+alternate within each round; each figure is a median over rounds and each ratio the median of per-round ratios.
 
     python benchmarks/bench_decode.py --out benchmarks/results/bench_decode_cpu.json            # eager, 1 thread
     python benchmarks/bench_decode.py --compile --out benchmarks/results/bench_decode_cpu_compiled.json
@@ -171,8 +170,8 @@ def report(args: argparse.Namespace, results: dict[int, dict]) -> str:
 
 
 def ab_lines(args: argparse.Namespace, batch: int, result: dict) -> list[str]:
-    """The A/B variants against "goat prepared": without the CPU kernel (eager: ATen ops; compiled: inductor's kernel
-    and W0's matmul), and, compiled, with the up-projection after W0's matmul."""
+    """The A/B variants against "goat prepared": without the CPU kernel (eager), with the up-projection after W0's
+    matmul (compiled)."""
     lines = []
     for other in ("goat prepared, no CPU kernel", "goat prepared, addmm"):
         ab = ratio(result, "goat prepared", other)

@@ -3,8 +3,9 @@
 Why: a decoded token runs ~200 adapted layers, and on the CPU each ATen op called from Python costs 2-7 µs of dispatch
 (more right after W0's matmul has streamed megabytes through the caches). The ATen path (decode.fused_base_forward)
 is ten such ops per layer where a merged Linear is one, which made a SmolLM2-135M token 1.3-1.5x a merged LoRA's.
-csrc/decode_cpu.cpp makes the same matmul calls from C++ and does the top-k gating in a loop, so a layer is one call
-from Python (per layer, measured 1.01x a merged Linear at batch 1 and 1.05x at batch 8; ATen ops 1.53x and 1.31x).
+csrc/decode_cpu.cpp makes the matmul calls from C++ and does the top-k gating in a loop, so a layer is one call
+from Python (a prepared layer measured 1.15x a merged Linear at batch 1 and 1.08x at batch 8, on ATen ops 1.47x and
+1.27x: benchmarks/bench_decode_layers.py).
 
 A GOAT layer with a plain fp32 nn.Linear base on the CPU takes it by itself in eval mode under no_grad, and so does
 a prepared one (prepare_for_inference). It is compiled on first use by torch.utils.cpp_extension (a C++ compiler and

@@ -194,11 +194,6 @@ class GoatLinear(nn.Module):
             self._check_prepared_call(prepared, x)
         base = self._modules["base_layer"]
         if torch.compiler.is_compiling():
-            if prepared is not None and prepared.kernel is not None and self._base_fuses(base, x):
-                w = prepared  # the CPU kernel's operator: one call in the graph (prepare's weights never change)
-                return torch.ops.goat_hf.decode_forward(
-                    x, base.weight, base.bias, w.router_down_t, w.up_t, self.num_experts, self.top_k, w.expert_columns
-                )
             if prepared is not None and prepared.extended_weight is not None and self._base_fuses(base, x):
                 out = traced_extended_forward(x.reshape(-1, x.shape[-1]), base.bias, prepared, self.top_k)
                 return out.view(*x.shape[:-1], out.shape[1])

@@ -6,9 +6,7 @@
 // per token, is a loop here instead of five ATen ops.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/linear.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <torch/library.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <cmath>
@@ -93,31 +91,8 @@ at::Tensor decode_forward(const at::Tensor& x, const at::Tensor& weight, const c
   return in_input_shape(out.addmm_(low, up_t), x);
 }
 
-// Shapes only, for tracing (torch.compile's fake tensors).
-at::Tensor decode_meta(const at::Tensor& x, const at::Tensor& weight) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = weight.size(0);
-  return at::empty(shape, x.options());
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_forward", &decode_forward, "W0 x + b plus a GOAT adapter's inference output, for fp32 CPU inputs [..., n]");
-}
-
-// The same as an operator (torch.ops.goat_hf.decode_forward), which torch.compile calls from a graph without a break.
-TORCH_LIBRARY(goat_hf, m) {
-  m.def("decode_forward(Tensor x, Tensor weight, Tensor? bias, Tensor router_down_t, Tensor up_t, int num_experts, "
-        "int top_k, int expert_columns) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(goat_hf, CPU, m) {
-  m.impl("decode_forward", &decode_forward);
-}
-
-TORCH_LIBRARY_IMPL(goat_hf, Meta, m) {
-  m.impl("decode_forward", [](const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>&,
-                              const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                              int64_t) { return decode_meta(x, weight); });
 }
