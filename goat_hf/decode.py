@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .cpu_kernel import decode_kernel
+
 
 @dataclass(slots=True, eq=False)
 class InferenceWeights:
@@ -52,6 +54,19 @@ class InferenceWeights:
     # from Python, and [W_rᵀ | down_t] [n, E + cols] for its one matmul (router_t and down_t then views of it)
     kernel: Callable[..., torch.Tensor] | None = None
     router_down_t: torch.Tensor | None = None
+
+    def __getstate__(self) -> dict:
+        """Pickled (torch.save of a model, a spawned process) without the kernel, a function of a module that only
+        exists where it was loaded: the unpickled copy loads it anew."""
+        state = {name: getattr(self, name) for name in self.__slots__}
+        state["kernel"] = state["kernel"] is not None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        if self.kernel:
+            self.kernel = decode_kernel()
 
 
 def top_k_gates(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -93,7 +108,7 @@ def inference_weights(
 
 def attach_kernel_(w: InferenceWeights, kernel: Callable[..., torch.Tensor] | None) -> InferenceWeights:
     """Give `w` the CPU kernel (None: leave it to ATen ops) and the one [n, E + cols] matrix it multiplies x with;
-    router_t and down_t become views of it, so the layer holds no second copy."""
+    router_t and down_t become views of it (no second copy of them)."""
     if kernel is not None:
         E = w.router_t.shape[1]
         w.router_down_t = torch.cat([w.router_t, w.down_t], dim=1)

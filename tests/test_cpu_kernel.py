@@ -4,6 +4,7 @@ Prepared layers through it: tests/test_prepare.py."""
 
 from __future__ import annotations
 
+import pickle
 import warnings
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import reference_goat_forward, svd_residual
 from test_layer import layer_config, make_layer, trained_like
-from test_prepare import prepared_layer_model, trained_llama
+from test_prepare import forbid_aten_path, prepared_layer_model, trained_llama
 
 from goat_hf import cpu_kernel, goat_layers, prepare_for_inference
 from goat_hf.decode import attach_kernel_, inference_weights
@@ -123,3 +124,49 @@ def test_kernel_switched_off_is_never_built(monkeypatch):
         warnings.simplefilter("error")
         model = prepare_for_inference(trained_llama())
     assert all(layer.prepared.kernel is None for layer in goat_layers(model).values())
+
+
+def test_default_layer_in_eval_decodes_through_the_kernel(monkeypatch):
+    """No call needed: an unprepared layer's no-grad forward takes the kernel, and matches the loop reference."""
+    layer = trained_like(make_layer("goat", 8, 2, bias=True)).eval()
+    x = torch.randn(2, 3, layer.in_features)
+    y_ref, _ = reference_goat_forward(layer, x, svd_residual(layer.base_layer.weight, layer_config("goat", 8, 2)))
+    forbid_aten_path(monkeypatch)
+    with torch.no_grad():
+        y = layer(x)
+    assert layer._inference_cache.kernel is not None
+    torch.testing.assert_close(y, y_ref.detach().float(), rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
+
+
+def test_nan_router_gives_nan_outputs_as_topk_does():
+    """torch.topk ranks NaN above every number: the ATen path's output is then NaN, and the kernel's must not be a
+    silently finite one that dropped the NaN expert."""
+    E, n, m = 4, 6, 5
+    w = attach_kernel_(
+        inference_weights(torch.randn(E, n), torch.randn(8, n), torch.randn(m, 8), None, None, 1.0, 0.0), built_kernel()
+    )
+    w.router_down_t[:, 2] = float("nan")  # expert 2's logit, for every token
+    with torch.no_grad():
+        y = w.kernel(torch.randn(3, n), torch.randn(m, n), None, w.router_down_t, w.up_t, E, 2, w.expert_columns)
+    assert y.isnan().all()
+
+
+@pytest.mark.parametrize("prepared", [False, True], ids=["default", "prepared"])
+def test_pickled_layer_carries_no_kernel_function_and_reloads_it(prepared, monkeypatch):
+    """torch.save or a spawned process pickles the layers, with their folded weights: the compiled module's function
+    must not be in the pickle (a new process could not import it), and the unpickled layer loads the kernel itself."""
+    layer = trained_like(make_layer("goat", 8, 2, bias=True)).eval()
+    if prepared:
+        prepared_layer_model(layer)
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        expected = layer(x)  # the default layer caches its folded weights, the kernel with them
+    weights = layer.prepared if prepared else layer._inference_cache
+    assert weights.kernel is not None
+    data = pickle.dumps(layer)
+    assert cpu_kernel.NAME.encode() not in data
+    copy = pickle.loads(data)
+    assert (copy.prepared if prepared else copy._inference_cache).kernel is cpu_kernel.decode_kernel()
+    forbid_aten_path(monkeypatch)
+    with torch.no_grad():
+        assert torch.equal(copy(x), expected)

@@ -23,7 +23,7 @@ void check_fp32_cpu(const at::Tensor& t, const char* name, bool matrix = true) {
 // Scale each token's expert columns of `low` [T, >= expert_columns] by their expert's top-k gate (0 off the top-k);
 // ties go to the lower index, as in decode.fusable_top_k_gates. Both may be column slices of one matrix (row strides).
 void gate_experts(const at::Tensor& logits, const at::Tensor& low, int64_t top_k, int64_t expert_columns) {
-  TORCH_INTERNAL_ASSERT(logits.stride(1) == 1 && low.stride(1) == 1);
+  TORCH_CHECK(logits.stride(1) == 1 && low.stride(1) == 1, "goat_hf decode kernel: logits and activations must have unit column stride");
   const int64_t T = logits.size(0), E = logits.size(1), d = expert_columns / E;
   const int64_t logits_stride = logits.stride(0), low_stride = low.stride(0);
   const float* all_logits = logits.data_ptr<float>();
@@ -38,7 +38,8 @@ void gate_experts(const at::Tensor& logits, const at::Tensor& low, int64_t top_k
     for (int64_t round = 0; round < top_k; ++round) {
       int64_t best = -1;
       for (int64_t j = 0; j < E; ++j) {
-        if (!picked[j] && (best < 0 || l[j] > l[best])) best = j;
+        // NaN counts as the largest, as in torch.topk: a NaN router then makes the output NaN, never silently finite
+        if (!picked[j] && (best < 0 || l[j] > l[best] || (std::isnan(l[j]) && !std::isnan(l[best])))) best = j;
       }
       picked[best] = 1;
       if (round == 0) top = l[best];  // the largest logit: softmax's shift
@@ -94,5 +95,7 @@ at::Tensor decode_forward(const at::Tensor& x, const at::Tensor& weight, const c
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_forward", &decode_forward, "W0 x + b plus a GOAT adapter's inference output, for fp32 CPU inputs [..., n]");
+  // without the GIL, as PyTorch's own bindings run their matmuls: other Python threads (a server's) go on meanwhile
+  m.def("decode_forward", &decode_forward, py::call_guard<py::gil_scoped_release>(),
+        "W0 x + b plus a GOAT adapter's inference output, for fp32 CPU inputs [..., n]");
 }
