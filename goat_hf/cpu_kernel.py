@@ -40,7 +40,7 @@ def kernel_for(weight: torch.Tensor) -> Callable[..., torch.Tensor] | None:
 
 
 def decode_kernel() -> Callable[..., torch.Tensor] | None:
-    """`decode_forward(x, weight, bias, router_down_t, up_t, num_experts, top_k, expert_columns) -> [..., m]`, built
+    """`decode_forward(x, weight, bias, router_down_t, up_t, top_k, expert_columns) -> [..., m]`, built
     on first call; None, with a warning (once per process) that says why and what to do, where it cannot be built.
     GOAT_HF_CPU_KERNEL is read until the kernel is loaded: set it before a process's first CPU inference."""
     global _loaded, _failure

@@ -203,9 +203,7 @@ class GoatLinear(nn.Module):
             params = base._parameters
             w, weight, bias = weights, params["weight"], params["bias"]
             if w.kernel is not None and not torch.is_grad_enabled():  # it gates in place, outside autograd
-                return w.kernel(
-                    x, weight, bias, w.router_down_t, w.up_t, self.num_experts, self.top_k, w.expert_columns
-                )
+                return w.kernel(x, weight, bias, w.router_down_t, w.up_t, self.top_k, w.expert_columns)
             tokens = x.reshape(-1, x.shape[-1])  # [T, n]
             out = fused_base_forward(tokens, weight, bias, weights, self.top_k)
             return out.view(*x.shape[:-1], out.shape[1])

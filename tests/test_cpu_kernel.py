@@ -37,7 +37,7 @@ def test_kernel_with_residual_columns_matches_per_expert_reference(num_experts, 
     assert w.kernel is not None and w.down_t.shape[1] == 2 * w.expert_columns  # experts' and residual's columns
     base = layer.base_layer
     with torch.no_grad():
-        y = built_kernel()(x, base.weight, base.bias, w.router_down_t, w.up_t, num_experts, top_k, w.expert_columns)
+        y = built_kernel()(x, base.weight, base.bias, w.router_down_t, w.up_t, top_k, w.expert_columns)
     torch.testing.assert_close(y, y_ref.detach().float(), rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
 
 
@@ -48,7 +48,7 @@ def test_kernel_breaks_ties_towards_the_lower_expert():
     x = torch.randn(3, n)
     w = attach_kernel_(inference_weights(torch.zeros(E, n), A, B, None, None, s, 0.0), built_kernel())
     with torch.no_grad():
-        y = w.kernel(x, W0, bias, w.router_down_t, w.up_t, E, 2, w.expert_columns)
+        y = w.kernel(x, W0, bias, w.router_down_t, w.up_t, 2, w.expert_columns)
     A, B, x = A.double(), B.double(), x.double()
     picked = [0.5 * s * (B[:, j * d : (j + 1) * d] @ (A[j * d : (j + 1) * d] @ x.T)) for j in (0, 1)]
     expected = F.linear(x, W0.double(), bias.double()) + sum(picked).T
@@ -61,17 +61,17 @@ def test_kernel_refuses_bad_input_with_what_it_needs():
     )
     W0, x, kernel, rd, up = torch.randn(5, 6), torch.randn(3, 6), w.kernel, w.router_down_t, w.up_t
     with pytest.raises(RuntimeError, match=r"x must be an fp32 CPU tensor, got BFloat16 \[3, 6\]"):
-        kernel(x.bfloat16(), W0, None, rd, up, 4, 2, 8)
+        kernel(x.bfloat16(), W0, None, rd, up, 2, 8)
     with pytest.raises(RuntimeError, match=r"weight must be a 2-D fp32 CPU tensor, got Float \[5, 6, 1\]"):
-        kernel(x, W0[..., None], None, rd, up, 4, 2, 8)
+        kernel(x, W0[..., None], None, rd, up, 2, 8)
     with pytest.raises(RuntimeError, match=r"x must be \[\.\.\., 6\], got \[3, 5\]"):
-        kernel(x[:, :5], W0, None, rd, up, 4, 2, 8)
-    with pytest.raises(RuntimeError, match=r"router_down_t must have E \+ 8 = 13 columns, got 12"):
-        kernel(x, W0, None, rd, up, 5, 2, 8)
+        kernel(x[:, :5], W0, None, rd, up, 2, 8)
+    with pytest.raises(RuntimeError, match=r"router_down_t needs the E router columns before up_t's 8, got 8 columns"):
+        kernel(x, W0, None, rd[:, 4:], up, 2, 8)
     with pytest.raises(RuntimeError, match=r"top_k must be in \[1, 4\], got 0"):
-        kernel(x, W0, None, rd, up, 4, 0, 8)
+        kernel(x, W0, None, rd, up, 0, 8)
     with pytest.raises(RuntimeError, match=r"expert_columns \(6\) must be a multiple of E \(4\)"):
-        kernel(x, W0, None, rd, up, 4, 2, 6)
+        kernel(x, W0, None, rd, up, 2, 6)
 
 
 def test_prepared_layer_under_autograd_takes_the_aten_path_and_its_gradients():
@@ -147,7 +147,7 @@ def test_nan_router_gives_nan_outputs_as_topk_does():
     )
     w.router_down_t[:, 2] = float("nan")  # expert 2's logit, for every token
     with torch.no_grad():
-        y = w.kernel(torch.randn(3, n), torch.randn(m, n), None, w.router_down_t, w.up_t, E, 2, w.expert_columns)
+        y = w.kernel(torch.randn(3, n), torch.randn(m, n), None, w.router_down_t, w.up_t, 2, w.expert_columns)
     assert y.isnan().all()
 
 
