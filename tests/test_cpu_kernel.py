@@ -170,3 +170,34 @@ def test_pickled_layer_carries_no_kernel_function_and_reloads_it(prepared, monke
     forbid_aten_path(monkeypatch)
     with torch.no_grad():
         assert torch.equal(copy(x), expected)
+
+
+def refuse_kernel(*args):
+    raise AssertionError("the CPU kernel ran where the general path should have")
+
+
+@pytest.mark.parametrize("case", ["adapter off", "hook on the base", "record routing", "autocast", "dropout"])
+def test_what_the_kernel_does_not_handle_goes_to_the_general_path(case):
+    """forward() tries the kernel first with a few cheap checks (GoatLinear.forward): each state it does not handle
+    must reach the path that handles it, never the kernel."""
+    layer = trained_like(make_layer("goat", 8, 2, bias=True, lora_dropout=0.5 if case == "dropout" else 0.0))
+    layer.train(case == "dropout")
+    x = torch.randn(2, 3, layer.in_features)
+    layer._inference_weights().kernel = refuse_kernel  # what the fast path would call
+    seen = []
+    if case == "adapter off":
+        layer.adapter_enabled = False
+    elif case == "hook on the base":  # an accelerate offload hook must see its layer's call
+        layer.base_layer.register_forward_hook(lambda module, args, out: seen.append(out))
+    elif case == "record routing":
+        layer.record_routing = True
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        y = layer(x)
+    expected = {
+        "adapter off": lambda: torch.equal(y, F.linear(x, layer.base_layer.weight, layer.base_layer.bias)),
+        "hook on the base": lambda: len(seen) == 1,
+        "record routing": lambda: layer.routing is not None and layer.routing.probs.shape == (6, 8),
+        "autocast": lambda: y.dtype == torch.bfloat16,  # the base ran under autocast, the adapter added in fp32
+        "dropout": lambda: y.shape == (2, 3, layer.out_features),  # the dropout path (the kernel would refuse)
+    }[case]
+    assert expected()
