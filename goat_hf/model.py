@@ -92,41 +92,49 @@ def attach_goat_layers(
         head = model.get_submodule(name)
         head.requires_grad_(True)
         base_heads[name] = {key: value.detach().clone() for key, value in head.state_dict().items()}
-    hook = model.register_forward_pre_hook(_token_mask_hook(model, list(layers.values())), with_kwargs=True)
+    hook = model.register_forward_pre_hook(TokenMaskHook(model, list(layers.values())), with_kwargs=True)
     model.goat_state = GoatState(config, list(modules_to_save), trainable_before, hook, base_heads, base_settings)
 
 
 MASK_ARGUMENTS = ("attention_mask", "decoder_attention_mask")
 
 
-def _token_mask_hook(model: nn.Module, layers: list[GoatLinear]):
-    """Hands the batch's 2-D padding mask to the layers so that the balance loss skips padding.
+class TokenMaskHook:
+    """A forward pre-hook that hands the batch's 2-D padding mask to the layers, so that the balance loss skips padding.
 
     The mask is read by keyword or by position. In an encoder-decoder, the encoder's layers get
     `attention_mask` and the decoder's `decoder_attention_mask` (None: every target token counts), whatever
     the two lengths; each layer then applies it only to an input of the mask's shape (see GoatLinear).
+    Only a routing record reads the mask: without gradients, while no layer records routing, the hook leaves the
+    layers alone (a decoded token would otherwise pay ~200 module setattrs, ~0.4 ms). It does not clear them either:
+    a no-grad forward between a training forward and its backward (TRL's reference pass) must not change what
+    gradient checkpointing recomputes, and every forward that records sets the masks anew.
+    A class rather than a closure, so that a model with GOAT layers pickles (torch.save of the whole model).
     """
-    positions = _argument_positions(model.forward, MASK_ARGUMENTS)
-    encoder = model.get_encoder() if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else None
-    in_encoder = {id(module) for module in encoder.modules()} if encoder is not None and encoder is not model else None
-    groups = {"attention_mask": layers}
-    if in_encoder is not None:
-        groups = {
-            "attention_mask": [layer for layer in layers if id(layer) in in_encoder],
-            "decoder_attention_mask": [layer for layer in layers if id(layer) not in in_encoder],
-        }
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        for name, group in groups.items():
+    def __init__(self, model: nn.Module, layers: list[GoatLinear]) -> None:
+        self.positions = _argument_positions(model.forward, MASK_ARGUMENTS)
+        encoder = model.get_encoder() if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else None
+        in_encoder = {id(m) for m in encoder.modules()} if encoder is not None and encoder is not model else None
+        self.groups = {"attention_mask": layers}
+        if in_encoder is not None:
+            self.groups = {
+                "attention_mask": [layer for layer in layers if id(layer) in in_encoder],
+                "decoder_attention_mask": [layer for layer in layers if id(layer) not in in_encoder],
+            }
+        self.layers = layers
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not (torch.is_grad_enabled() or any(layer.record_routing for layer in self.layers)):
+            return
+        for name, group in self.groups.items():
             mask = kwargs.get(name)
-            if mask is None and name in positions and positions[name] < len(args):
-                mask = args[positions[name]]
+            if mask is None and name in self.positions and self.positions[name] < len(args):
+                mask = args[self.positions[name]]
             # converted once here rather than in each of the layers
             mask = mask.to(torch.float32) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
             for layer in group:
                 layer.token_mask = mask
-
-    return hook
 
 
 def _argument_positions(forward, names: tuple[str, ...]) -> dict[str, int]:

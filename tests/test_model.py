@@ -327,3 +327,18 @@ def test_one_zero_init_expert_with_alpha_scaling_is_peft_lora():
         ]:
             assert theirs.grad.abs().max() > 0
             torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-4, atol=1e-6 * theirs.grad.abs().max())
+
+
+def test_a_model_with_goat_layers_pickles_whole(tmp_path):
+    """torch.save of the whole model (and a spawned worker's pickle): its padding-mask hook must pickle, and the loaded
+    model computes what the saved one did and still hands the mask to its own layers."""
+    model = train_like_(get_goat_model(tiny_classifier("bert", seed=0), SMALL)).eval()
+    ids, mask = torch.randint(3, 100, (2, 6)), torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, expected)
+    loaded(input_ids=ids, attention_mask=mask)  # with gradients: the loaded hook hands the mask to the loaded layers
+    assert all(torch.equal(layer.token_mask, mask.float()) for layer in goat_layers(loaded).values())

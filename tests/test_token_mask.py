@@ -132,3 +132,22 @@ def test_a_mask_of_the_same_size_but_another_shape_is_not_applied():
         layer(x)
     expected = formula_balance_loss(layer, x, None)
     torch.testing.assert_close(layer.routing.balance_loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_without_gradients_the_hook_leaves_the_layers_alone():
+    """Decoding: nothing reads the mask without gradients unless a layer records routing, so the hook touches no layer
+    (and keeps what a training forward handed them: gradient checkpointing recomputes with it after TRL's no-grad
+    reference pass); a record under no_grad gets the current batch's mask."""
+    model = train_like_(get_goat_model(tiny_classifier("bert", seed=0), CONFIG))
+    ids, mask = torch.randint(3, 100, (2, 6)), torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    layers = list(goat_layers(model).values())
+    model(input_ids=ids, attention_mask=mask)  # with gradients: every layer gets the mask
+    assert all(torch.equal(layer.token_mask, mask.float()) for layer in layers)
+    sentinel = torch.zeros(2, 6)
+    layers[0].token_mask = sentinel
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones(2, 6, dtype=torch.long))
+    assert layers[0].token_mask is sentinel and torch.equal(layers[1].token_mask, mask.float())  # untouched
+    with torch.no_grad(), record_routing(model):
+        model(input_ids=ids, attention_mask=mask)  # a record reads it: handed again
+    assert all(torch.equal(layer.token_mask, mask.float()) for layer in layers)
