@@ -11,7 +11,8 @@ A GOAT layer with a plain fp32 nn.Linear base on the CPU takes it by itself in e
 a prepared one (prepare_for_inference). It is compiled on first use by torch.utils.cpp_extension (a C++ compiler and
 ninja; ~20 s on 2 cores) and cached in torch's extensions folder (TORCH_EXTENSIONS_DIR, default
 ~/.cache/torch_extensions): later processes load it in a tenth of a second. Where it cannot be built, or with
-GOAT_HF_CPU_KERNEL=0, the layers keep the ATen path (the same numbers, slower), and say why once.
+GOAT_HF_CPU_KERNEL=0, the layers keep the ATen path (the same maths, equal up to fp32 rounding; slower), and say
+why once.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def decode_kernel() -> Callable[..., torch.Tensor] | None:
         _failure = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         warnings.warn(
             f"goat_hf could not build its CPU decode kernel ({_failure}); GOAT layers decode with ATen ops instead "
-            "(the same outputs, about 1.2x slower per token). It needs a C++ compiler and ninja "
+            "(the same outputs up to fp32 rounding, about 1.2x slower per token). It needs a C++ compiler and ninja "
             f"(pip install ninja). Set {DISABLE_VARIABLE}=0 to skip the attempt.",
             RuntimeWarning,
             stacklevel=2,

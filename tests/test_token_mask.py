@@ -148,6 +148,7 @@ def test_without_gradients_the_hook_leaves_the_layers_alone():
     with torch.no_grad():
         model(input_ids=ids, attention_mask=torch.ones(2, 6, dtype=torch.long))
     assert layers[0].token_mask is sentinel and torch.equal(layers[1].token_mask, mask.float())  # untouched
+    other = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
     with torch.no_grad(), record_routing(model):
-        model(input_ids=ids, attention_mask=mask)  # a record reads it: handed again
-    assert all(torch.equal(layer.token_mask, mask.float()) for layer in layers)
+        model(input_ids=ids, attention_mask=other)  # a record reads it: this batch's mask is handed over
+    assert all(torch.equal(layer.token_mask, other.float()) for layer in layers)
