@@ -137,11 +137,12 @@ class GoatLinear(nn.Module):
         that W0's matmul has just streamed megabytes through, and a token runs ~200 layers."""
         base = self._modules["base_layer"]
         if not (
-            self.adapter_enabled
+            x.is_cpu  # first: elsewhere (a GPU) nothing below could end in the kernel
+            and x.dtype is torch.float32
+            and self.adapter_enabled
             and not (self.training and self.has_dropout)
             and type(base) is nn.Linear
             and not (base._forward_hooks or base._forward_pre_hooks)
-            and x.dtype is torch.float32
             and not torch.is_autocast_enabled("cpu")
         ):
             return None

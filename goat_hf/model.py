@@ -122,10 +122,12 @@ class TokenMaskHook:
                 "attention_mask": [layer for layer in layers if id(layer) in in_encoder],
                 "decoder_attention_mask": [layer for layer in layers if id(layer) not in in_encoder],
             }
-        self.layers = layers
+
+    def _recording(self) -> bool:
+        return any(layer.record_routing for group in self.groups.values() for layer in group)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not (torch.is_grad_enabled() or any(layer.record_routing for layer in self.layers)):
+        if not (torch.is_grad_enabled() or self._recording()):
             return
         for name, group in self.groups.items():
             mask = kwargs.get(name)
