@@ -10,7 +10,8 @@ from Python (a prepared layer measured 1.15x a merged Linear at batch 1 and 1.08
 A GOAT layer with a plain fp32 nn.Linear base on the CPU takes it by itself in eval mode under no_grad, and so does
 a prepared one (prepare_for_inference). It is compiled on first use by torch.utils.cpp_extension (a C++ compiler and
 ninja; ~20 s on 2 cores) and cached in torch's extensions folder (TORCH_EXTENSIONS_DIR, default
-~/.cache/torch_extensions): later processes load it in a tenth of a second. Where it cannot be built, or with
+~/.cache/torch_extensions): later processes load it in a tenth of a second, and a build killed midway leaves nothing
+that blocks the next (`_builder_lock`). Where it cannot be built, or with
 GOAT_HF_CPU_KERNEL=0, the layers keep the ATen path (the same maths, equal up to fp32 rounding; slower), and say
 why once.
 """
@@ -20,7 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -73,9 +75,37 @@ def build_failure() -> str | None:
 def _build():
     from torch.utils import cpp_extension  # setuptools machinery: imported only when a kernel is wanted
 
-    build_directory = getattr(cpp_extension, "_get_build_directory", None)  # private: used for this message only
-    if build_directory is not None and not any(Path(build_directory(NAME, verbose=False)).glob(f"{NAME}*.so")):
-        logger.warning(
-            "goat_hf: compiling the CPU decode kernel, once per machine (~20 s; %s=0 skips)", DISABLE_VARIABLE
+    build_directory = getattr(cpp_extension, "_get_build_directory", None)  # private: used for the lock and message
+    if build_directory is None:
+        return cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
+    directory = Path(build_directory(NAME, verbose=False))
+    with _builder_lock(directory):
+        if not any(directory.glob(f"{NAME}*.so")):
+            logger.warning(
+                "goat_hf: compiling the CPU decode kernel, once per machine (~20 s; %s=0 skips)", DISABLE_VARIABLE
+            )
+        return cpp_extension.load(
+            name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], build_directory=str(directory), verbose=False
         )
-    return cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
+
+
+@contextmanager
+def _builder_lock(directory: Path) -> Iterator[None]:
+    """One process at a time builds or loads the kernel, under a lock that dies with its holder.
+
+    torch's own lock is a file that its builder deletes when done: a builder killed meanwhile (SIGKILL, SIGTERM, an
+    out-of-memory kill during the first evaluation's ~20 s build) leaves it, and every later load then waits for it
+    forever, silently. An flock is released by the OS when its process ends, so while holding ours, a torch lock file
+    can only be such a leftover (every live goat_hf builder holds ours first) and is removed."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: torch's lock alone
+        yield
+        return
+    with open(directory / f"{NAME}.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
+        leftover = directory / "lock"
+        if leftover.exists():
+            logger.warning("goat_hf: removing %s, left by a kernel build that was killed before it finished", leftover)
+            leftover.unlink(missing_ok=True)
+        yield

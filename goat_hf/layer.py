@@ -144,6 +144,7 @@ class GoatLinear(nn.Module):
             and type(base) is nn.Linear
             and not (base._forward_hooks or base._forward_pre_hooks)
             and not torch.is_autocast_enabled("cpu")
+            and not torch.jit.is_tracing()  # a trace cannot record the kernel's call: it would replay a wrong graph
         ):
             return None
         prepared = self.prepared

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,17 +21,15 @@ import goat_hf
 SOURCE_ROOT = Path(goat_hf.__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+# uvicorn says where it listens: with --port 0 the OS picks a free port as the server binds it (a port probed free
+# beforehand can be taken by another process before the server binds it)
+LISTENING = re.compile(rb"Uvicorn running on (http://127\.0\.0\.1:\d+)")
 
 
 @contextlib.contextmanager
 def transformers_serve(folder: Path, work: Path, startup_s: float = 240) -> Iterator[str]:
     """Serve `folder` (its model preloaded) with the CLI as a user runs it; yields the base URL. Its log goes to
     `work`/serve.log, shown when it fails to start. The server and the model's process it spawns are stopped."""
-    port = free_port()
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(SOURCE_ROOT), os.environ.get("PYTHONPATH")])),
@@ -41,26 +39,28 @@ def transformers_serve(folder: Path, work: Path, startup_s: float = 240) -> Iter
         "OMP_NUM_THREADS": "1",
     }
     command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder), "--trust-remote-code"]
-    command += ["--host", "127.0.0.1", "--port", str(port)]
+    command += ["--host", "127.0.0.1", "--port", "0"]
     log_path = work / "serve.log"
     with open(log_path, "wb") as log:
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_healthy(server, url, startup_s, log_path)
-        yield url
+        yield _wait_until_healthy(server, startup_s, log_path)
     finally:
         _stop(server)
 
 
-def _wait_until_healthy(server: subprocess.Popen, url: str, startup_s: float, log_path: Path) -> None:
-    deadline = time.monotonic() + startup_s
+def _wait_until_healthy(server: subprocess.Popen, startup_s: float, log_path: Path) -> str:
+    """The server's URL once its log says where it listens and /health answers ok."""
+    deadline, url = time.monotonic() + startup_s, None
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise RuntimeError(f"transformers serve exited ({server.returncode}):\n{log_path.read_text()[-4000:]}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            if json.loads(response.read()).get("status") == "ok":
-                return
+        if url is None and (listening := LISTENING.search(log_path.read_bytes())):
+            url = listening[1].decode()
+        if url is not None:
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if json.loads(response.read()).get("status") == "ok":
+                    return url
         time.sleep(0.5)
     raise RuntimeError(f"transformers serve did not start in {startup_s:.0f} s:\n{log_path.read_text()[-4000:]}")
 

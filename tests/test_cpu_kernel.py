@@ -4,8 +4,13 @@ Prepared layers through it: tests/test_prepare.py."""
 
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -210,3 +215,43 @@ def test_what_the_kernel_does_not_handle_goes_to_the_general_path(case):
         "dropout": lambda: not close,  # the experts saw dropout(x)
     }[case]
     assert expected()
+
+
+@pytest.mark.parametrize("prepared", [False, True], ids=["default", "prepared"])
+def test_a_trace_under_no_grad_records_the_maths_not_the_kernel(prepared):
+    """torch.jit.trace (and exporters built on it) record ATen ops: the kernel's call from Python, with its gating in
+    C++, is not one, so a trace through it replayed two matmuls without the gates, silently wrong on every input.
+    Traced under no_grad, the layer must replay the loop reference's numbers on inputs it was not traced with."""
+    layer = trained_like(make_layer("goat", 8, 2, bias=True)).eval()
+    W_res = svd_residual(layer.base_layer.weight, layer_config("goat", 8, 2))
+    if prepared:
+        prepared_layer_model(layer)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(layer, torch.randn(3, layer.in_features), check_trace=False)
+        x = torch.randn(5, layer.in_features)
+        y = traced(x)
+    y_ref, _ = reference_goat_forward(layer, x, W_res)
+    torch.testing.assert_close(y, y_ref.detach().float(), rtol=1e-5, atol=1e-5 * y_ref.abs().max().item())
+
+
+def test_a_build_killed_midway_does_not_hang_the_next_load(tmp_path, monkeypatch):
+    """torch's lock file, left by a builder that was killed (SIGKILL, SIGTERM, an OOM kill during a first evaluation),
+    made every later load wait for it forever. The next process must remove it, say so, and load the kernel."""
+    built_kernel()
+    from torch.utils import cpp_extension
+
+    built = Path(cpp_extension._get_build_directory(cpu_kernel.NAME, verbose=False))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    copy = Path(cpp_extension._get_build_directory(cpu_kernel.NAME, verbose=False))  # where the next process looks
+    shutil.copytree(built, copy, dirs_exist_ok=True)  # built already: the next load compiles nothing
+    (copy / "lock").touch()  # what a killed build leaves
+    env = dict(os.environ)
+    code = "from goat_hf import cpu_kernel; assert cpu_kernel.decode_kernel() is not None, cpu_kernel.build_failure()"
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("loading the kernel waited on the killed build's lock file for 240 s")
+    assert done.returncode == 0, done.stderr
+    assert "left by a kernel build that was killed" in done.stderr
+    assert not (copy / "lock").exists()
