@@ -279,21 +279,28 @@ class GoatLinear(nn.Module):
         key holds each tensor's address and version counter, which any in-place update (an optimizer step,
         load_state_dict) or replacement (`param.data = ...`, `.to()`) changes; the cache holds the tensors it was
         built from, so no new tensor can take their addresses. Writes through another tensor that shares a
-        parameter's storage (after `param.data = t`, writing to t) are not seen: `train()`/`eval()` drop the cache."""
+        parameter's storage (after `param.data = t`, writing to t) are not seen: `train()`/`eval()` drop the cache.
+        Weights made under torch.inference_mode have no version counter: they are folded anew on every call."""
         params, buffers = self._parameters, self._buffers
         router, A, B = self._modules["router"]._parameters["weight"], params["expert_A"], params["expert_B"]
         A0, B0 = buffers["residual_A"], buffers["residual_B"]
-        key = (router.data_ptr(), router._version, A.data_ptr(), A._version, B.data_ptr(), B._version, self.scaling)
-        if A0 is not None:
-            key += (A0.data_ptr(), A0._version, B0.data_ptr(), B0._version, self.init_cof)
+        try:
+            key = (router.data_ptr(), router._version, A.data_ptr(), A._version, B.data_ptr(), B._version, self.scaling)
+            if A0 is not None:
+                key += (A0.data_ptr(), A0._version, B0.data_ptr(), B0._version, self.init_cof)
+        except RuntimeError:  # inference tensors: an in-place change under inference_mode would leave no trace
+            return self._fold(router, A, B, A0, B0, key=None)
         cache = self._inference_cache
         if cache is None or cache.key != key:
-            cache = inference_weights(router, A, B, A0, B0, self.scaling, self.correction, key)
-            base = self._modules["base_layer"]
-            if type(base) is nn.Linear:  # the CPU kernel serves plain fp32 CPU bases (cpu_kernel.py)
-                attach_kernel_(cache, kernel_for(base.weight))
-            self._inference_cache = cache
+            cache = self._inference_cache = self._fold(router, A, B, A0, B0, key)
         return cache
+
+    def _fold(self, router, A, B, A0, B0, key: tuple | None) -> InferenceWeights:
+        w = inference_weights(router, A, B, A0, B0, self.scaling, self.correction, key)
+        base = self._modules["base_layer"]
+        if type(base) is nn.Linear:  # the CPU kernel serves plain fp32 CPU bases (cpu_kernel.py)
+            attach_kernel_(w, kernel_for(base.weight))
+        return w
 
     @property
     def correction(self) -> float:

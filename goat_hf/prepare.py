@@ -79,6 +79,12 @@ def _check_plain_base(name: str, base: nn.Module) -> None:
         )
     if base.weight.is_meta or base.weight.device.type == "meta":
         raise ValueError(f"{name}'s weight is on the meta device (offloaded); load the model fully first.")
+    if base.weight.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(
+            f"{name}'s weight was made under torch.inference_mode, and torch changes such tensors in place only inside "
+            "one; prepare_for_inference folds the residual into it in place: call it inside, as in `with "
+            "torch.inference_mode(): prepare_for_inference(model)`."
+        )
 
 
 def _refuse_base_weights(module: nn.Module, prefix: str, keep_vars: bool) -> None:

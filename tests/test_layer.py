@@ -390,6 +390,30 @@ def test_no_grad_forwards_follow_top_k_and_replaced_tensors():
     torch.testing.assert_close(replaced, layer(x).detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_weights_made_under_inference_mode_decode_and_show_in_place_changes():
+    """Tensors made under torch.inference_mode (a model loaded inside one, as some serving code does) have no version
+    counter, which the folded weights' cache is keyed on: such a layer failed on its first forward ("Inference
+    tensors do not track version counter"). It must give the loop reference's numbers, and a change made in place
+    under inference_mode must reach the next output."""
+    reference = trained_like(make_layer("goat", 8, 2)).eval()
+    W_res = svd_residual(reference.base_layer.weight, layer_config("goat", 8, 2))
+    x = torch.randn(5, N_IN)
+    with torch.inference_mode():
+        layer = make_layer("goat", 8, 2).eval()
+        layer.load_state_dict(reference.state_dict())
+        assert layer.expert_B.is_inference()
+        y = layer(x)
+        layer.expert_B.mul_(2.0)
+        y_changed = layer(x)
+    y_ref, _ = reference_goat_forward(reference, x, W_res)
+    assert_output_matches_reference(layer, x, y, y_ref.detach(), torch.float32)
+    with torch.no_grad():
+        reference.expert_B.mul_(2.0)
+        y_ref, _ = reference_goat_forward(reference, x, W_res)
+        assert_output_matches_reference(layer, x, y_changed, y_ref.detach(), torch.float32)
+        assert_output_matches_reference(layer, x, layer(x), y_ref.detach(), torch.float32)  # and outside it
+
+
 @pytest.mark.parametrize("prepared", [False, True], ids=["default", "prepared"])
 def test_a_minus_inf_logit_is_never_picked_and_never_reaches_the_output(prepared):
     """A router row that overflows to a -inf logit: that expert is never picked, as in the training forward; the

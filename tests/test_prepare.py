@@ -28,6 +28,7 @@ from goat_hf import (
 from goat_hf import cpu_kernel as cpu_kernel_module
 from goat_hf.adapter_io import restore_goat_weights
 from goat_hf.config import INIT_MODES
+from goat_hf.prepare import is_prepared
 
 CONFIG = GoatConfig(r=8, num_experts=4, top_k=2)
 
@@ -133,6 +134,24 @@ def test_prepare_refuses_a_base_that_is_not_a_plain_linear():
     with pytest.raises(ValueError, match="model.layers.0.mlp.up_proj is a CustomLinear.*without preparing"):
         prepare_for_inference(model)
     assert all(layer.prepared is None for layer in goat_layers(model).values())  # checked before anything changed
+
+
+def test_a_model_made_under_inference_mode_is_prepared_inside_one():
+    """Its weights are inference tensors, which torch changes in place only under inference_mode: outside, the first
+    layer's fold failed after the model was marked prepared (a second call then did nothing). Refused before anything
+    changes, with the fix; inside, the prepared model keeps the unprepared one's logits."""
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = trained_llama()(ids).logits
+    with torch.inference_mode():
+        model = trained_llama()
+    with pytest.raises(ValueError, match=r"made under torch.inference_mode.*with torch.inference_mode\(\): prepare"):
+        prepare_for_inference(model)
+    assert not is_prepared(model) and all(layer.prepared is None for layer in goat_layers(model).values())
+    with torch.inference_mode():
+        prepare_for_inference(model)
+        assert is_prepared(model)
+        torch.testing.assert_close(model(ids).logits, logits, rtol=1e-5, atol=1e-5 * logits.abs().max().item())
 
 
 def test_prepared_model_saves_its_adapter_exactly(tmp_path):
