@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -120,9 +122,130 @@ def time_batch(args: argparse.Namespace, models: dict[str, nn.Module], batch: in
     }
 
 
+class Turns:
+    """Hands the CPU to one variant's `generate` at a time, in rotation, one decode step each (--interleave steps):
+    step i of each variant then runs right after step i of the one before, so that a pair of steps meets the same
+    state of a shared, noisy machine. Each variant runs in a thread of its own; all but one wait."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.active, self.current, self.condition = list(names), 0, threading.Condition()
+
+    def wait(self, name: str) -> None:
+        with self.condition:
+            self.condition.wait_for(lambda: self.active[self.current] == name)
+
+    def pass_on(self, name: str) -> None:
+        with self.condition:
+            self.current = (self.active.index(name) + 1) % len(self.active)
+            self.condition.notify_all()
+
+    def leave(self, name: str) -> None:
+        with self.condition:
+            index = self.active.index(name)
+            self.active.remove(name)
+            self.current = index % len(self.active) if self.active else 0
+            self.condition.notify_all()
+
+
+class TurnClock(LogitsProcessor):
+    """A StepClock that passes the turn on at each call: each step is timed from getting the turn back to the next
+    call (the sampling and bookkeeping of one token and the forward of the next), never while another one runs."""
+
+    def __init__(self, name: str, turns: Turns) -> None:
+        self.name, self.turns, self.started, self.steps = name, turns, None, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        now = time.perf_counter()
+        if self.started is not None:
+            self.steps.append(now - self.started)
+        self.turns.pass_on(self.name)
+        self.turns.wait(self.name)
+        self.started = time.perf_counter()
+        return scores
+
+
+def interleaved_round(args: argparse.Namespace, models: dict[str, nn.Module], prompts: torch.Tensor) -> dict:
+    """One round of --interleave steps: every variant's generate at once, taking turns step by step; per variant the
+    seconds of each decode step and the generated ids."""
+    names = list(models)
+    turns, clocks, outputs, errors = Turns(names), {}, {}, []
+
+    def run(name: str) -> None:
+        torch.set_num_threads(args.threads)  # per thread: OpenMP's thread count is a per-thread setting
+        turns.wait(name)
+        try:
+            clocks[name] = TurnClock(name, turns)
+            with torch.no_grad():
+                outputs[name] = models[name].generate(
+                    input_ids=prompts,
+                    attention_mask=torch.ones_like(prompts),
+                    do_sample=False,
+                    max_new_tokens=args.new_tokens,
+                    min_new_tokens=args.new_tokens,
+                    logits_processor=LogitsProcessorList([clocks[name]]),
+                    pad_token_id=0,
+                )[:, prompts.shape[1] :]
+        except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(error)
+        finally:
+            turns.leave(name)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return {name: (clocks[name].steps, outputs[name]) for name in names}
+
+
+def time_batch_steps(args: argparse.Namespace, models: dict[str, nn.Module], batch: int) -> dict:
+    """time_batch with --interleave steps: each round's variants decode together, one step each in turn (Turns); the
+    order rotates from round to round. Ratios are medians of per-step ratios."""
+    generator = torch.Generator().manual_seed(batch)
+    prompts = torch.randint(100, 40000, (batch, args.prompt_tokens), generator=generator).to(args.device)
+    for model in models.values():  # warm-up (and, with --compile, compilation), one variant at a time
+        decode(model, prompts, args.new_tokens)
+    names = list(models)
+    seconds, tokens, lengths = {name: [] for name in names}, {}, []
+    for round_index in range(args.repeats):
+        shift = round_index % len(names)
+        order = names[shift:] + names[:shift]
+        steps = interleaved_round(args, {name: models[name] for name in order}, prompts)
+        for name in names:
+            seconds[name] += steps[name][0]
+            tokens[name] = steps[name][1]
+        lengths.append(len(steps[names[0]][0]))
+    same = {f"{name} = goat": torch.equal(tokens[name], tokens["goat"]) for name in tokens if name.startswith("goat ")}
+    return {
+        "ms_per_token": {name: 1e3 * statistics.median(s) for name, s in seconds.items()},
+        "seconds_per_token": seconds,
+        "steps_per_round": lengths,
+        "same_greedy_tokens": same,
+    }
+
+
 def ratio(result: dict, num: str, den: str) -> float | None:
     times = result["seconds_per_token"]
     return paired_ratio(times, num, den) if num in times and den in times else None
+
+
+def ratio_interval(result: dict, num: str, den: str, resamples: int = 2000) -> tuple[float, float]:
+    """95 % bootstrap interval of `ratio`, resampling whole rounds (the pairs of one round share its conditions)."""
+    times, lengths = result["seconds_per_token"], result.get("steps_per_round")
+    lengths = lengths or [1] * len(times[num])
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    rounds = [
+        [a / b for a, b in zip(times[num][i : i + k], times[den][i : i + k], strict=True)]
+        for i, k in zip(starts, lengths, strict=True)
+    ]
+    rng = random.Random(0)
+    medians = sorted(
+        statistics.median([r for picked in rng.choices(rounds, k=len(rounds)) for r in picked])
+        for _ in range(resamples)
+    )
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def report(args: argparse.Namespace, results: dict[int, dict]) -> str:
@@ -133,7 +256,12 @@ def report(args: argparse.Namespace, results: dict[int, dict]) -> str:
     lines = [
         f"SmolLM2-135M-Instruct ({args.base} weights), {args.dtype}, {args.device} ({torch.get_num_threads()} "
         f"thread(s)), {mode}; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, KV cache; "
-        f"median of {args.repeats} alternating rounds (ratios: median of per-round ratios)",
+        + (
+            f"{args.repeats} rounds of all variants decoding in turns, one step each (ratios: median of per-step "
+            "ratios)"
+            if args.interleave == "steps"
+            else f"median of {args.repeats} alternating rounds (ratios: median of per-round ratios)"
+        ),
         "",
         "| batch | " + " | ".join(f"{n} (ms/token)" for n in names) + " | GOAT / merged | GOAT / LoRA unmerged "
         "| prepared / merged |",
@@ -159,8 +287,10 @@ def report(args: argparse.Namespace, results: dict[int, dict]) -> str:
                 value = ratio(results[b], variant, den)
                 if value is not None:
                     verdict = "met" if value <= bound else "**not met**"
+                    low, high = ratio_interval(results[b], variant, den)
                     lines.append(
-                        f"- {goal.replace('GOAT', variant)} at batch {b}: {value:.3f} (goal <= {bound}): {verdict}"
+                        f"- {goal.replace('GOAT', variant)} at batch {b}: {value:.3f} (95 % interval {low:.3f}-"
+                        f"{high:.3f}; goal <= {bound}): {verdict}"
                     )
     for batch, result in results.items():
         lines += ab_lines(args, batch, result)
@@ -191,6 +321,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS[:4]))
+    parser.add_argument(
+        "--interleave",
+        choices=("rounds", "steps"),
+        default="rounds",
+        help="rounds: each variant's generate in turn, timed as a whole; steps: all variants' generate at once, "
+        "taking turns one decode step each, every step timed (pairs of steps a few ms apart)",
+    )
     parser.add_argument("--compile", action="store_true", help="static KV cache and torch.compile of the decode step")
     parser.add_argument(
         "--python-wrapper",
@@ -207,7 +344,8 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     models = build_variants(args)
-    results = {batch: time_batch(args, models, batch) for batch in args.batch_sizes}
+    timer = time_batch_steps if args.interleave == "steps" else time_batch
+    results = {batch: timer(args, models, batch) for batch in args.batch_sizes}
     if args.compile:
         graph_breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
     text = report(args, results)
