@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import statistics
 import threading
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 from bench_model import DTYPES, load_base, lora_model, paired_ratio
+from decode_table import ratio_interval
 from torch import nn
 from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
 
@@ -231,23 +231,6 @@ def ratio(result: dict, num: str, den: str) -> float | None:
     return paired_ratio(times, num, den) if num in times and den in times else None
 
 
-def ratio_interval(result: dict, num: str, den: str, resamples: int = 2000) -> tuple[float, float]:
-    """95 % bootstrap interval of `ratio`, resampling whole rounds (the pairs of one round share its conditions)."""
-    times, lengths = result["seconds_per_token"], result.get("steps_per_round")
-    lengths = lengths or [1] * len(times[num])
-    starts = [sum(lengths[:i]) for i in range(len(lengths))]
-    rounds = [
-        [a / b for a, b in zip(times[num][i : i + k], times[den][i : i + k], strict=True)]
-        for i, k in zip(starts, lengths, strict=True)
-    ]
-    rng = random.Random(0)
-    medians = sorted(
-        statistics.median([r for picked in rng.choices(rounds, k=len(rounds)) for r in picked])
-        for _ in range(resamples)
-    )
-    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
-
-
 def report(args: argparse.Namespace, results: dict[int, dict]) -> str:
     names = list(results[args.batch_sizes[0]]["ms_per_token"])
     wrapper = "C++ wrapper" if args.cpp_wrapper else "Python wrapper"
@@ -286,17 +269,25 @@ def report(args: argparse.Namespace, results: dict[int, dict]) -> str:
             for variant in (num, f"{num} prepared"):
                 value = ratio(results[b], variant, den)
                 if value is not None:
-                    verdict = "met" if value <= bound else "**not met**"
                     low, high = ratio_interval(results[b], variant, den)
+                    verdict = goal_verdict(value, low, high, bound)
+                    name = goal.split(", batch")[0].replace("GOAT", variant)
                     lines.append(
-                        f"- {goal.replace('GOAT', variant)} at batch {b}: {value:.3f} (95 % interval {low:.3f}-"
-                        f"{high:.3f}; goal <= {bound}): {verdict}"
+                        f"- {name} at batch {b}: {value:.3f} (95 % interval {low:.3f}-{high:.3f}; goal <= {bound}): "
+                        f"{verdict}"
                     )
     for batch, result in results.items():
         lines += ab_lines(args, batch, result)
         for check, same in result["same_greedy_tokens"].items():
             lines.append(f"- batch {batch}: greedy tokens {check}: {same}")
     return "\n".join(lines)
+
+
+def goal_verdict(value: float, low: float, high: float, bound: float) -> str:
+    """Met or not by the median, and whether the interval settles it (this host's noise is of the goals' size)."""
+    if high <= bound or low > bound:
+        return "met" if value <= bound else "**not met**"
+    return f"{'met' if value <= bound else '**not met**'} by the median; the interval spans {bound}"
 
 
 def ab_lines(args: argparse.Namespace, batch: int, result: dict) -> list[str]:

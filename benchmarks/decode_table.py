@@ -1,4 +1,5 @@
-"""The README's decode table, regenerated from bench_decode's results JSON (eager, and compiled when present).
+"""The README's decode table, regenerated from bench_decode's results JSON (eager, and compiled when present), each
+GOAT ratio with its 95 % interval.
 
 Why: a table typed by hand drifts from the measurement it quotes. `--write` rewrites the block between the
 `decode-table` markers in README.md; without it the script exits 1 when the README differs (tests/test_docs.py).
@@ -10,14 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = {
-    "eager": ROOT / "benchmarks/results/bench_decode_cpu.json",
-    "compiled": ROOT / "benchmarks/results/bench_decode_cpu_compiled.json",
+RESULTS = {  # the runs whose variants take turns step by step (bench_decode.py --interleave steps): the tightest
+    "eager": ROOT / "benchmarks/results/bench_decode_cpu_steps.json",
+    "compiled": ROOT / "benchmarks/results/bench_decode_cpu_compiled_steps.json",
 }
 START, END = "<!-- decode-table:start -->", "<!-- decode-table:end -->"
 COLUMNS = ("merged", "lora", "goat", "goat prepared")
@@ -25,6 +27,24 @@ COLUMNS = ("merged", "lora", "goat", "goat prepared")
 
 def paired_ratio(seconds: dict[str, list[float]], num: str, den: str) -> float:
     return statistics.median(a / b for a, b in zip(seconds[num], seconds[den], strict=True))
+
+
+def ratio_interval(result: dict, num: str, den: str, resamples: int = 2000) -> tuple[float, float]:
+    """95 % bootstrap interval of the paired ratio (the median of per-round or per-step ratios), resampling whole
+    rounds: the pairs of one round share its conditions."""
+    times, lengths = result["seconds_per_token"], result.get("steps_per_round")
+    lengths = lengths or [1] * len(times[num])
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    rounds = [
+        [a / b for a, b in zip(times[num][i : i + k], times[den][i : i + k], strict=True)]
+        for i, k in zip(starts, lengths, strict=True)
+    ]
+    rng = random.Random(0)
+    medians = sorted(
+        statistics.median([r for picked in rng.choices(rounds, k=len(rounds)) for r in picked])
+        for _ in range(resamples)
+    )
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def render() -> str:
@@ -41,7 +61,8 @@ def render() -> str:
             for name in COLUMNS:
                 cell = f"{ms[name]:.1f}" if name in ms else "n/a"
                 if name.startswith("goat") and name in ms:
-                    cell += f" ({paired_ratio(seconds, name, 'merged'):.3f}×)"
+                    low, high = ratio_interval(result, name, "merged")
+                    cell += f" ({paired_ratio(seconds, name, 'merged'):.3f}×, {low:.3f}–{high:.3f})"
                 cells.append(cell)
             lines.append(f"| {mode} | {batch} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
