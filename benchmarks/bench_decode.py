@@ -87,9 +87,8 @@ def build_variants(args: argparse.Namespace) -> dict[str, nn.Module]:
     return models
 
 
-def decode(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
-    """Seconds per decoded token (prefill excluded) and the generated ids."""
-    clock = StepClock(prompts.device)
+def greedy_ids(model: nn.Module, prompts: torch.Tensor, new_tokens: int, clock: LogitsProcessor) -> torch.Tensor:
+    """Exactly `new_tokens` greedy tokens per prompt (the ids after the prompt), `clock` called once per token."""
     with torch.no_grad():
         out = model.generate(
             input_ids=prompts,
@@ -100,7 +99,14 @@ def decode(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> tuple[fl
             logits_processor=LogitsProcessorList([clock]),
             pad_token_id=0,
         )
-    return (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1), out[:, prompts.shape[1] :]
+    return out[:, prompts.shape[1] :]
+
+
+def decode(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+    """Seconds per decoded token (prefill excluded) and the generated ids."""
+    clock = StepClock(prompts.device)
+    ids = greedy_ids(model, prompts, new_tokens, clock)
+    return (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1), ids
 
 
 def time_batch(args: argparse.Namespace, models: dict[str, nn.Module], batch: int) -> dict:
@@ -151,10 +157,12 @@ class TurnClock(LogitsProcessor):
     """A StepClock that passes the turn on at each call: each step is timed from getting the turn back to the next
     call (the sampling and bookkeeping of one token and the forward of the next), never while another one runs."""
 
-    def __init__(self, name: str, turns: Turns) -> None:
-        self.name, self.turns, self.started, self.steps = name, turns, None, []
+    def __init__(self, name: str, turns: Turns, device: torch.device) -> None:
+        self.name, self.turns, self.device, self.started, self.steps = name, turns, device, None, []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # the step's kernels done before its end is taken, and before the next one runs
         now = time.perf_counter()
         if self.started is not None:
             self.steps.append(now - self.started)
@@ -174,17 +182,8 @@ def interleaved_round(args: argparse.Namespace, models: dict[str, nn.Module], pr
         torch.set_num_threads(args.threads)  # per thread: OpenMP's thread count is a per-thread setting
         turns.wait(name)
         try:
-            clocks[name] = TurnClock(name, turns)
-            with torch.no_grad():
-                outputs[name] = models[name].generate(
-                    input_ids=prompts,
-                    attention_mask=torch.ones_like(prompts),
-                    do_sample=False,
-                    max_new_tokens=args.new_tokens,
-                    min_new_tokens=args.new_tokens,
-                    logits_processor=LogitsProcessorList([clocks[name]]),
-                    pad_token_id=0,
-                )[:, prompts.shape[1] :]
+            clocks[name] = TurnClock(name, turns, prompts.device)
+            outputs[name] = greedy_ids(models[name], prompts, args.new_tokens, clocks[name])
         except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
             errors.append(error)
         finally:
