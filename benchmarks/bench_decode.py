@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 import torch
-from bench_model import DTYPES, load_base, lora_model, paired_ratio
-from decode_table import ratio_interval
+from bench_model import DTYPES, load_base, lora_model
+from pairing import paired_ratio, ratio_interval
 from torch import nn
 from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
 
@@ -146,10 +146,14 @@ class Turns:
             self.condition.notify_all()
 
     def leave(self, name: str) -> None:
+        """Out of the rotation (done, or failed): the turn goes on if it was `name`'s, and stays where it is if not."""
         with self.condition:
             index = self.active.index(name)
             self.active.remove(name)
-            self.current = index % len(self.active) if self.active else 0
+            if index < self.current:
+                self.current -= 1
+            elif self.active:
+                self.current %= len(self.active)
             self.condition.notify_all()
 
 
@@ -179,9 +183,9 @@ def interleaved_round(args: argparse.Namespace, models: dict[str, nn.Module], pr
     turns, clocks, outputs, errors = Turns(names), {}, {}, []
 
     def run(name: str) -> None:
-        torch.set_num_threads(args.threads)  # per thread: OpenMP's thread count is a per-thread setting
-        turns.wait(name)
-        try:
+        try:  # whatever fails, the finally hands the turn on: the other threads must not wait for this one forever
+            torch.set_num_threads(args.threads)  # per thread: OpenMP's thread count is a per-thread setting
+            turns.wait(name)
             clocks[name] = TurnClock(name, turns, prompts.device)
             outputs[name] = greedy_ids(models[name], prompts, args.new_tokens, clocks[name])
         except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
@@ -215,7 +219,9 @@ def time_batch_steps(args: argparse.Namespace, models: dict[str, nn.Module], bat
         for name in names:
             seconds[name] += steps[name][0]
             tokens[name] = steps[name][1]
-        lengths.append(len(steps[names[0]][0]))
+        counts = {len(steps[name][0]) for name in names}
+        assert len(counts) == 1, f"the variants decoded different numbers of steps in round {round_index}: {counts}"
+        lengths.append(counts.pop())
     same = {f"{name} = goat": torch.equal(tokens[name], tokens["goat"]) for name in tokens if name.startswith("goat ")}
     return {
         "ms_per_token": {name: 1e3 * statistics.median(s) for name, s in seconds.items()},
@@ -316,7 +322,7 @@ def parse_args() -> argparse.Namespace:
         choices=("rounds", "steps"),
         default="rounds",
         help="rounds: each variant's generate in turn, timed as a whole; steps: all variants' generate at once, "
-        "taking turns one decode step each, every step timed (pairs of steps a few ms apart)",
+        "taking turns one decode step each, every step timed (a pair of steps one step apart)",
     )
     parser.add_argument("--compile", action="store_true", help="static KV cache and torch.compile of the decode step")
     parser.add_argument(

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from autograd_path import use_autograd_path_everywhere
+from pairing import paired_ratio
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -210,11 +211,6 @@ def time_loads(args: argparse.Namespace, goat: nn.Module, lora: nn.Module, tries
 
 def verdict(ok: bool, target: str) -> str:
     return f"{target}: " + ("met" if ok else "**not met**")
-
-
-def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
-    """Median of the per-round ratios: robust to the machine slowing down between rounds."""
-    return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
 
 
 def report(args: argparse.Namespace, r: int, steps: dict, forwards: dict, extra: dict[str, float]) -> str:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import statistics
 import sys
 from pathlib import Path
+
+from pairing import paired_ratio, ratio_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = {  # the runs whose variants take turns step by step (bench_decode.py --interleave steps): the tightest
@@ -23,28 +23,6 @@ RESULTS = {  # the runs whose variants take turns step by step (bench_decode.py 
 }
 START, END = "<!-- decode-table:start -->", "<!-- decode-table:end -->"
 COLUMNS = ("merged", "lora", "goat", "goat prepared")
-
-
-def paired_ratio(seconds: dict[str, list[float]], num: str, den: str) -> float:
-    return statistics.median(a / b for a, b in zip(seconds[num], seconds[den], strict=True))
-
-
-def ratio_interval(result: dict, num: str, den: str, resamples: int = 2000) -> tuple[float, float]:
-    """95 % bootstrap interval of the paired ratio (the median of per-round or per-step ratios), resampling whole
-    rounds: the pairs of one round share its conditions."""
-    times, lengths = result["seconds_per_token"], result.get("steps_per_round")
-    lengths = lengths or [1] * len(times[num])
-    starts = [sum(lengths[:i]) for i in range(len(lengths))]
-    rounds = [
-        [a / b for a, b in zip(times[num][i : i + k], times[den][i : i + k], strict=True)]
-        for i, k in zip(starts, lengths, strict=True)
-    ]
-    rng = random.Random(0)
-    medians = sorted(
-        statistics.median([r for picked in rng.choices(rounds, k=len(rounds)) for r in picked])
-        for _ in range(resamples)
-    )
-    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def render() -> str:

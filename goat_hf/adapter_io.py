@@ -171,6 +171,8 @@ def restore_goat_weights(model: nn.Module, adapter_folder: str | os.PathLike) ->
     _check_base_tensors(meta, base_tensors(model), folder)
     for key, target in targets.items():
         copy_full_(target, tensors[key])  # a sharded target keeps this rank's part
+    for layer in goat_layers(model).values():  # inference tensors copied into in place leave no version trace
+        layer.forget_inference_weights()
 
 
 def check_adapter_folder(folder: str | os.PathLike) -> None:

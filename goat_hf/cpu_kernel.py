@@ -96,14 +96,19 @@ def _builder_lock(directory: Path) -> Iterator[None]:
     torch's own lock is a file that its builder deletes when done: a builder killed meanwhile (SIGKILL, SIGTERM, an
     out-of-memory kill during the first evaluation's ~20 s build) leaves it, and every later load then waits for it
     forever, silently. An flock is released by the OS when its process ends, so while holding ours, a torch lock file
-    can only be such a leftover (every live goat_hf builder holds ours first) and is removed."""
+    can only be such a leftover (every live goat_hf builder holds ours first; a goat_hf older than this lock does not,
+    and could lose its lock if it built at the same moment) and is removed. Not re-entrant: one per load."""
     try:
         import fcntl
     except ImportError:  # Windows: torch's lock alone
         yield
         return
     with open(directory / f"{NAME}.flock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
+        except OSError:  # a file system without flock (NFS without lockd): torch's lock alone, left as it is
+            yield
+            return
         leftover = directory / "lock"
         if leftover.exists():
             logger.warning("goat_hf: removing %s, left by a kernel build that was killed before it finished", leftover)

@@ -160,8 +160,13 @@ class GoatLinear(nn.Module):
         return w.kernel(x, weight, params["bias"], w.router_down_t, w.up_t, self.top_k, w.expert_columns)
 
     def train(self, mode: bool = True) -> GoatLinear:
-        self._inference_cache = None  # a safe point to rebuild it (see _inference_weights)
+        self.forget_inference_weights()  # a safe point to rebuild them (see _inference_weights)
         return super().train(mode)
+
+    def forget_inference_weights(self) -> None:
+        """Drop the folded weights the no-grad forward keeps, for writes its cache key cannot see (_inference_weights);
+        the next no-grad forward folds them anew."""
+        self._inference_cache = None
 
     def _apply(self, fn, recurse: bool = True) -> GoatLinear:
         """`.to()`, `.half()` and the like: a prepared layer whose base weight they replaced (a new dtype or device)
@@ -279,8 +284,10 @@ class GoatLinear(nn.Module):
         key holds each tensor's address and version counter, which any in-place update (an optimizer step,
         load_state_dict) or replacement (`param.data = ...`, `.to()`) changes; the cache holds the tensors it was
         built from, so no new tensor can take their addresses. Writes through another tensor that shares a
-        parameter's storage (after `param.data = t`, writing to t) are not seen: `train()`/`eval()` drop the cache.
-        Weights made under torch.inference_mode have no version counter: they are folded anew on every call."""
+        parameter's storage (after `param.data = t`, writing to t) are not seen: `train()`/`eval()` drop the cache, as
+        does `forget_inference_weights()`. Weights made under torch.inference_mode have no version counter: their key
+        is their addresses alone, so a change made in place under inference_mode shows after one of those calls
+        (goat_hf's own loaders make it)."""
         params, buffers = self._parameters, self._buffers
         router, A, B = self._modules["router"]._parameters["weight"], params["expert_A"], params["expert_B"]
         A0, B0 = buffers["residual_A"], buffers["residual_B"]
@@ -288,19 +295,19 @@ class GoatLinear(nn.Module):
             key = (router.data_ptr(), router._version, A.data_ptr(), A._version, B.data_ptr(), B._version, self.scaling)
             if A0 is not None:
                 key += (A0.data_ptr(), A0._version, B0.data_ptr(), B0._version, self.init_cof)
-        except RuntimeError:  # inference tensors: an in-place change under inference_mode would leave no trace
-            return self._fold(router, A, B, A0, B0, key=None)
+        except RuntimeError:  # costs nothing until raised, unlike an is_inference() test of each tensor every call
+            tensors = [t for t in (router, A, B, A0, B0) if t is not None]
+            if not any(t.is_inference() for t in tensors):
+                raise
+            key = (*(t.data_ptr() for t in tensors), self.scaling, self.init_cof)
         cache = self._inference_cache
         if cache is None or cache.key != key:
-            cache = self._inference_cache = self._fold(router, A, B, A0, B0, key)
+            cache = inference_weights(router, A, B, A0, B0, self.scaling, self.correction, key)
+            base = self._modules["base_layer"]
+            if type(base) is nn.Linear:  # the CPU kernel serves plain fp32 CPU bases (cpu_kernel.py)
+                attach_kernel_(cache, kernel_for(base.weight))
+            self._inference_cache = cache
         return cache
-
-    def _fold(self, router, A, B, A0, B0, key: tuple | None) -> InferenceWeights:
-        w = inference_weights(router, A, B, A0, B0, self.scaling, self.correction, key)
-        base = self._modules["base_layer"]
-        if type(base) is nn.Linear:  # the CPU kernel serves plain fp32 CPU bases (cpu_kernel.py)
-            attach_kernel_(w, kernel_for(base.weight))
-        return w
 
     @property
     def correction(self) -> float:

@@ -23,7 +23,7 @@ SOURCE_ROOT = Path(goat_hf.__file__).resolve().parent.parent
 
 # uvicorn says where it listens: with --port 0 the OS picks a free port as the server binds it (a port probed free
 # beforehand can be taken by another process before the server binds it)
-LISTENING = re.compile(rb"Uvicorn running on (http://127\.0\.0\.1:\d+)")
+LISTENING = re.compile(rb"Uvicorn running on (http://127\.0\.0\.1:[1-9]\d*)")
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from goat_hf import (
     save_goat_adapter,
     trainable_parameter_counts,
 )
-from goat_hf.adapter_io import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
+from goat_hf.adapter_io import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, restore_goat_weights
 
 SMALL = GoatConfig(r=16, num_experts=8, top_k=2)
 
@@ -84,6 +84,22 @@ def test_save_load_classifier_with_trained_head(tmp_path, kind, num_labels, monk
         assert torch.equal(fresh.classifier.state_dict()[name], value)
     assert fresh.goat_state.modules_to_save == ["classifier"]
     assert all(p.requires_grad for p in fresh.classifier.parameters())
+
+
+def test_restoring_an_adapter_under_inference_mode_reaches_the_next_output(tmp_path):
+    """Weights made under torch.inference_mode have no version counter for the folded-weights cache to see an in-place
+    copy by: restore_goat_weights must drop the layers' caches itself, or the next outputs are the old adapter's."""
+    saved = trained(tiny_llama())
+    save_goat_adapter(saved, tmp_path / "adapter")
+    batch = token_batch()
+    with torch.inference_mode():
+        model = get_goat_model(tiny_llama(), SMALL).eval()
+        before = model(**batch).logits  # caches the fresh adapter's folded weights
+        restore_goat_weights(model, tmp_path / "adapter")
+        after = model(**batch).logits
+    expected = logits(saved.eval(), batch)
+    assert not torch.allclose(before, expected, atol=1e-4)
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 def test_adapter_files(tmp_path):

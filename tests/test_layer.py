@@ -393,8 +393,9 @@ def test_no_grad_forwards_follow_top_k_and_replaced_tensors():
 def test_weights_made_under_inference_mode_decode_and_show_in_place_changes():
     """Tensors made under torch.inference_mode (a model loaded inside one, as some serving code does) have no version
     counter, which the folded weights' cache is keyed on: such a layer failed on its first forward ("Inference
-    tensors do not track version counter"). It must give the loop reference's numbers, and a change made in place
-    under inference_mode must reach the next output."""
+    tensors do not track version counter"). It must give the loop reference's numbers, keep its folded weights
+    between calls (folding them anew every call made decoding 2-3x slower), and a change made in place under
+    inference_mode must reach the output once the cache is dropped (eval(), or goat_hf's own loaders)."""
     reference = trained_like(make_layer("goat", 8, 2)).eval()
     W_res = svd_residual(reference.base_layer.weight, layer_config("goat", 8, 2))
     x = torch.randn(5, N_IN)
@@ -403,7 +404,11 @@ def test_weights_made_under_inference_mode_decode_and_show_in_place_changes():
         layer.load_state_dict(reference.state_dict())
         assert layer.expert_B.is_inference()
         y = layer(x)
+        cached = layer._inference_cache
+        layer(x)
+        assert layer._inference_cache is cached
         layer.expert_B.mul_(2.0)
+        layer.eval()
         y_changed = layer(x)
     y_ref, _ = reference_goat_forward(reference, x, W_res)
     assert_output_matches_reference(layer, x, y, y_ref.detach(), torch.float32)
