@@ -109,23 +109,32 @@ def decode(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> tuple[fl
     return (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1), ids
 
 
-def time_batch(args: argparse.Namespace, models: dict[str, nn.Module], batch: int) -> dict:
+def warmed_up_prompts(args: argparse.Namespace, models: dict[str, nn.Module], batch: int) -> torch.Tensor:
+    """The batch's random prompts, after one decode of each variant in turn (with --compile, its compilation)."""
     generator = torch.Generator().manual_seed(batch)
     prompts = torch.randint(100, 40000, (batch, args.prompt_tokens), generator=generator).to(args.device)
-    for model in models.values():  # warm-up (and, with --compile, compilation)
+    for model in models.values():
         decode(model, prompts, args.new_tokens)
-    seconds = {name: [] for name in models}
-    tokens = {}
-    for _ in range(args.repeats):
-        for name, model in models.items():
-            per_token, tokens[name] = decode(model, prompts, args.new_tokens)
-            seconds[name].append(per_token)
+    return prompts
+
+
+def summary(seconds: dict[str, list[float]], tokens: dict[str, torch.Tensor]) -> dict:
     same = {f"{name} = goat": torch.equal(tokens[name], tokens["goat"]) for name in tokens if name.startswith("goat ")}
     return {
         "ms_per_token": {name: 1e3 * statistics.median(s) for name, s in seconds.items()},
         "seconds_per_token": seconds,
         "same_greedy_tokens": same,
     }
+
+
+def time_batch(args: argparse.Namespace, models: dict[str, nn.Module], batch: int) -> dict:
+    prompts = warmed_up_prompts(args, models, batch)
+    seconds, tokens = {name: [] for name in models}, {}
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            per_token, tokens[name] = decode(model, prompts, args.new_tokens)
+            seconds[name].append(per_token)
+    return summary(seconds, tokens)
 
 
 class Turns:
@@ -206,10 +215,7 @@ def interleaved_round(args: argparse.Namespace, models: dict[str, nn.Module], pr
 def time_batch_steps(args: argparse.Namespace, models: dict[str, nn.Module], batch: int) -> dict:
     """time_batch with --interleave steps: each round's variants decode together, one step each in turn (Turns); the
     order rotates from round to round. Ratios are medians of per-step ratios."""
-    generator = torch.Generator().manual_seed(batch)
-    prompts = torch.randint(100, 40000, (batch, args.prompt_tokens), generator=generator).to(args.device)
-    for model in models.values():  # warm-up (and, with --compile, compilation), one variant at a time
-        decode(model, prompts, args.new_tokens)
+    prompts = warmed_up_prompts(args, models, batch)  # one variant at a time
     names = list(models)
     seconds, tokens, lengths = {name: [] for name in names}, {}, []
     for round_index in range(args.repeats):
@@ -222,13 +228,7 @@ def time_batch_steps(args: argparse.Namespace, models: dict[str, nn.Module], bat
         counts = {len(steps[name][0]) for name in names}
         assert len(counts) == 1, f"the variants decoded different numbers of steps in round {round_index}: {counts}"
         lengths.append(counts.pop())
-    same = {f"{name} = goat": torch.equal(tokens[name], tokens["goat"]) for name in tokens if name.startswith("goat ")}
-    return {
-        "ms_per_token": {name: 1e3 * statistics.median(s) for name, s in seconds.items()},
-        "seconds_per_token": seconds,
-        "steps_per_round": lengths,
-        "same_greedy_tokens": same,
-    }
+    return summary(seconds, tokens) | {"steps_per_round": lengths}
 
 
 def ratio(result: dict, num: str, den: str) -> float | None:

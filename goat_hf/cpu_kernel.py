@@ -76,21 +76,17 @@ def _build():
     from torch.utils import cpp_extension  # setuptools machinery: imported only when a kernel is wanted
 
     build_directory = getattr(cpp_extension, "_get_build_directory", None)  # private: used for the lock and message
-    if build_directory is None:
-        return cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
-    directory = Path(build_directory(NAME, verbose=False))
+    directory = Path(build_directory(NAME, verbose=False)) if build_directory is not None else None
     with _builder_lock(directory):
-        if not any(directory.glob(f"{NAME}*.so")):
+        if directory is not None and not any(directory.glob(f"{NAME}*.so")):
             logger.warning(
                 "goat_hf: compiling the CPU decode kernel, once per machine (~20 s; %s=0 skips)", DISABLE_VARIABLE
             )
-        return cpp_extension.load(
-            name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], build_directory=str(directory), verbose=False
-        )
+        return cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
 
 
 @contextmanager
-def _builder_lock(directory: Path) -> Iterator[None]:
+def _builder_lock(directory: Path | None) -> Iterator[None]:
     """One process at a time builds or loads the kernel, under a lock that dies with its holder.
 
     torch's own lock is a file that its builder deletes when done: a builder killed meanwhile (SIGKILL, SIGTERM, an
@@ -101,6 +97,8 @@ def _builder_lock(directory: Path) -> Iterator[None]:
     try:
         import fcntl
     except ImportError:  # Windows: torch's lock alone
+        fcntl = None
+    if fcntl is None or directory is None:  # (None: a torch without the private helper that names the folder)
         yield
         return
     with open(directory / f"{NAME}.flock", "a") as handle:
