@@ -20,6 +20,7 @@ alternate within each round; each figure is a median over rounds and each ratio 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import statistics
@@ -83,6 +84,11 @@ def build_variants(args: argparse.Namespace) -> dict[str, nn.Module]:
             compile_config = CompileConfig(fullgraph=True, mode=None if options else "reduce-overhead", options=options)
             compile_config._compile_all_devices = True  # generate compiles on CUDA only, unless told (a class flag)
             model.generation_config.compile_config = compile_config
+            if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+                # the compiled entries of this variant alone, as a served model has them: the variants' steps share
+                # one code object, and each step would first check (and fail) the guards of the variant before it
+                compiled = torch.compile(model.__call__, **compile_config.to_dict(), isolate_recompiles=True)
+                model._compiled_call, model._last_compile_config = compiled, compile_config  # what generate reuses
         models[name] = model
     return models
 
@@ -110,11 +116,14 @@ def decode(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> tuple[fl
 
 
 def warmed_up_prompts(args: argparse.Namespace, models: dict[str, nn.Module], batch: int) -> torch.Tensor:
-    """The batch's random prompts, after one decode of each variant in turn (with --compile, its compilation)."""
+    """The batch's random prompts, after one decode of each variant in turn (with --compile, its compilation; with
+    --skip-guard-eval, dynamo then stops checking guards, which it allows only once every graph is compiled)."""
     generator = torch.Generator().manual_seed(batch)
     prompts = torch.randint(100, 40000, (batch, args.prompt_tokens), generator=generator).to(args.device)
     for model in models.values():
         decode(model, prompts, args.new_tokens)
+    if args.skip_guard_eval:
+        torch.compiler.set_stance(skip_guard_eval_unsafe=True)
     return prompts
 
 
@@ -241,6 +250,8 @@ def report(args: argparse.Namespace, results: dict[int, dict]) -> str:
     wrapper = "C++ wrapper" if args.cpp_wrapper else "Python wrapper"
     compiled = wrapper if args.device == "cpu" else "reduce-overhead"  # the options build_variants gives
     mode = f"torch.compile ({compiled}) + static cache" if args.compile else "eager"
+    if args.compile and args.skip_guard_eval:
+        mode += ", guards not evaluated (skip_guard_eval_unsafe)"
     lines = [
         f"SmolLM2-135M-Instruct ({args.base} weights), {args.dtype}, {args.device} ({torch.get_num_threads()} "
         f"thread(s)), {mode}; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, KV cache; "
@@ -331,6 +342,12 @@ def parse_args() -> argparse.Namespace:
         action="store_false",
         help="with --compile on CPU: inductor's default Python wrapper (g++ -O3 of the C++ wrapper of a whole GOAT "
         "decode graph ran over 40 min on a 2-core machine)",
+    )
+    parser.add_argument(
+        "--skip-guard-eval",
+        action="store_true",
+        help="with --compile: torch.compiler.set_stance(skip_guard_eval_unsafe=True) after the warm-up, as a server "
+        "whose weights and inputs never change shape may set (dynamo then checks no guards before a step)",
     )
     parser.add_argument("--out", type=Path)
     return parser.parse_args()

@@ -1,0 +1,130 @@
+"""Where a compiled decode step's time goes outside its kernels: dynamo's guards and the inputs it gathers per step.
+
+Why: issue 24's compiled goal (GOAT / merged <= 1.10 at batch 1) is missed by the default path, and the layers' own
+compiled chain (bench_decode_layers.py --compile) explains only part of the gap. Before each compiled step dynamo
+checks its guards, which read every tensor the graph takes (its type, shape, strides, dimension markings; buffers'
+aliasing as well), and the compiled function then fetches each of those tensors from its module; decoding, that runs
+once per token, after the step before has streamed every weight through the caches. A merged layer gives the graph
+one tensor (W0), a default GOAT layer six (W0, W_r, A, B and the frozen A0, B0), a prepared fp32 layer two
+([W_res | s·B] and [W_r; A]). This profiles one compiled `generate` per variant and round (torch.profiler, which
+slows every part somewhat) and reports, per decoded token, the step's guard check ("TorchDynamo Cache Lookup"),
+the bytecode before the graph ("Pregraph bytecode") and the compiled graph itself.
+
+"goat, one tensor (probe)" is the default layer reading one packed copy of its five factors instead of the factors
+(the same maths, decode.traced_adapter, on views of the copy): what the guards and gathering cost with one tensor a
+layer. It is a measurement, not a path: the copy is made once and would not follow a change of the weights.
+
+    python benchmarks/compiled_step_overhead.py --rounds 5 --out benchmarks/results/compiled_step_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from bench_decode import GOAT, build_variants, decode, warmed_up_prompts
+from torch.profiler import ProfilerActivity, profile
+
+from goat_hf import GoatLinear
+from goat_hf.decode import traced_adapter
+
+EVENTS = {
+    "guards": "TorchDynamo Cache Lookup",
+    "pregraph": "Pregraph bytecode",
+    "graph": "## Call CompiledFxGraph",
+}
+PROBE = "goat, one tensor (probe)"
+
+
+class OneTensorGoatLinear(GoatLinear):
+    """The probe: under torch.compile, the adapter from views of one packed copy of W_r, A, A0, B and B0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            return super().forward(x)
+        packed, offset, factors = self.packed_factors, 0, []
+        for rows, cols in self.packed_shapes:
+            factors.append(packed[offset : offset + rows * cols].view(rows, cols))
+            offset += rows * cols
+        router, A, A0, B, B0 = factors
+        result = self.base_layer(x)
+        tokens = x.reshape(-1, x.shape[-1])
+        delta = traced_adapter(tokens, router, A, B, A0, B0, self.scaling, self.correction, self.top_k)
+        return result + delta.view(result.shape)
+
+
+def pack_factors_(model: torch.nn.Module) -> torch.nn.Module:
+    for layer in model.modules():
+        if type(layer) is GoatLinear:
+            factors = (layer.router.weight, layer.expert_A, layer.residual_A, layer.expert_B, layer.residual_B)
+            layer.packed_shapes = [tuple(t.shape) for t in factors]
+            packed = torch.cat([t.detach().flatten() for t in factors])
+            layer.register_buffer("packed_factors", packed, persistent=False)
+            layer.__class__ = OneTensorGoatLinear
+    return model
+
+
+def profiled_decode(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int) -> dict[str, float]:
+    """ms per decoded token of each event (the median occurrence times the occurrences per step) and of the step."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        seconds, _ = decode(model, prompts, new_tokens)
+    steps = new_tokens - 1  # the compiled calls: the prefill runs eagerly
+    result = {"step": 1e3 * seconds}
+    for key, name in EVENTS.items():
+        durations = [e.cpu_time_total / 1e3 for e in prof.events() if e.name.startswith(name)]
+        result[key] = statistics.median(durations) * len(durations) / steps if durations else 0.0
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    settings = argparse.Namespace(
+        device="cpu", dtype="fp32", base="smollm2", threads=1, compile=True, cpp_wrapper=False, skip_guard_eval=False,
+        prompt_tokens=32, new_tokens=args.new_tokens, variants=["merged", "goat", "goat prepared", "goat"],
+    )  # fmt: skip
+    merged, goat, prepared, probe = _variants(settings)
+    models = {"merged": merged, "goat": goat, "goat prepared": prepared, PROBE: pack_factors_(probe)}
+    prompts = warmed_up_prompts(settings, models, 1)
+    rows = {name: [] for name in models}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            rows[name].append(profiled_decode(model, prompts, args.new_tokens))
+    table = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in rows.items()}
+    lines = [
+        f"SmolLM2-135M, fp32, CPU, 1 thread, torch.compile + static cache, batch 1, {args.new_tokens} new tokens, "
+        f"under torch.profiler; medians of {args.rounds} rounds; ms per decoded token",
+        "",
+        "| variant | step | guards | pregraph | compiled graph |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, row in table.items():
+        cells = " | ".join(f"{row[key]:.2f}" for key in ("step", "guards", "pregraph", "graph"))
+        lines.append(f"| {name} | {cells} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        record = {"settings": vars(args) | {"out": None}, "goat": repr(GOAT), "per_token_ms": table, "rounds": rows}
+        args.out.write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def _variants(settings: argparse.Namespace) -> list[torch.nn.Module]:
+    """One model per entry of settings.variants (build_variants keys them by name, which would merge the two goats)."""
+    names = settings.variants
+    models = []
+    for name in names:
+        settings.variants = [name]
+        models.extend(build_variants(settings).values())
+    settings.variants = names
+    return models
+
+
+if __name__ == "__main__":
+    main()
