@@ -38,6 +38,7 @@ from goat_hf import GoatConfig, get_goat_model, goat_layers, prepare_for_inferen
 from goat_hf.model import find_target_linears
 
 GOAT = GoatConfig(r=8, num_experts=8, top_k=2, target_modules="all-linear", seed=1)
+ISOLATED_COMPILES = "isolate_recompiles" in inspect.signature(torch.compile).parameters  # where torch has it
 VARIANTS = ("merged", "lora", "goat", "goat prepared", "goat prepared, addmm", "goat prepared, no CPU kernel")
 GOALS = {  # (numerator, denominator, batch, eager bound, compiled bound): issue 24
     "GOAT / LoRA unmerged": ("goat", "lora", None, 1.0, None),
@@ -84,11 +85,14 @@ def build_variants(args: argparse.Namespace) -> dict[str, nn.Module]:
             compile_config = CompileConfig(fullgraph=True, mode=None if options else "reduce-overhead", options=options)
             compile_config._compile_all_devices = True  # generate compiles on CUDA only, unless told (a class flag)
             model.generation_config.compile_config = compile_config
-            if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+            if ISOLATED_COMPILES:
                 # the compiled entries of this variant alone, as a served model has them: the variants' steps share
-                # one code object, and each step would first check (and fail) the guards of the variant before it
-                compiled = torch.compile(model.__call__, **compile_config.to_dict(), isolate_recompiles=True)
-                model._compiled_call, model._last_compile_config = compiled, compile_config  # what generate reuses
+                # one code object, and each step would first check (and fail) the guards of the variant before it.
+                # Set on the transformers model whose generate runs (inside PEFT's wrapper for LoRA), which reuses it
+                # while its compile config is equal to this one.
+                target = model.get_base_model() if hasattr(model, "get_base_model") else model
+                compiled = torch.compile(target.__call__, **compile_config.to_dict(), isolate_recompiles=True)
+                target._compiled_call, target._last_compile_config = compiled, compile_config
         models[name] = model
     return models
 
@@ -350,7 +354,13 @@ def parse_args() -> argparse.Namespace:
         "whose weights and inputs never change shape may set (dynamo then checks no guards before a step)",
     )
     parser.add_argument("--out", type=Path)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.skip_guard_eval and (not args.compile or len(args.batch_sizes) > 1):
+        parser.error(
+            "--skip-guard-eval needs --compile and one batch size: with guards off, dynamo would run the "
+            "first batch size's graph for the next (it cannot tell them apart)"
+        )
+    return args
 
 
 def main() -> None:
@@ -368,6 +378,7 @@ def main() -> None:
         record = {
             "settings": {key: value for key, value in vars(args).items() if key != "out"},
             "machine": {"torch": torch.__version__, "processor": platform.processor(), "threads": args.threads},
+            "isolated_compiles": ISOLATED_COMPILES if args.compile else None,
             "results": {str(batch): result for batch, result in results.items()},
             "graph_breaks": graph_breaks if args.compile else None,
             "table": text,

@@ -6,8 +6,8 @@ checks its guards, which read every tensor the graph takes (its type, shape, str
 aliasing as well), and the compiled function then fetches each of those tensors from its module; decoding, that runs
 once per token, after the step before has streamed every weight through the caches. A merged layer gives the graph
 one tensor (W0), a default GOAT layer six (W0, W_r, A, B and the frozen A0, B0), a prepared fp32 layer two
-([W_res | s·B] and [W_r; A]). This profiles one compiled `generate` per variant and round (torch.profiler, which
-slows every part somewhat) and reports, per decoded token, the step's guard check ("TorchDynamo Cache Lookup"),
+([W_res | s·B] and [W_r; A]). This profiles one compiled `generate` per variant and round (torch.profiler, whose
+own cost is in every figure) and reports, per decoded token, the step's guard check ("TorchDynamo Cache Lookup"),
 the bytecode before the graph ("Pregraph bytecode") and the compiled graph itself.
 
 "goat, one tensor (probe)" is the default layer reading one packed copy of its five factors instead of the factors
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 from pathlib import Path
 
@@ -67,16 +68,19 @@ def pack_factors_(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def profiled_decode(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int) -> dict[str, float]:
-    """ms per decoded token of each event (the median occurrence times the occurrences per step) and of the step."""
+def profiled_decode(
+    model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int
+) -> tuple[dict[str, float], torch.Tensor]:
+    """ms per decoded token of each event (the median occurrence times the occurrences per step) and of the step;
+    the generated ids."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        seconds, _ = decode(model, prompts, new_tokens)
+        seconds, ids = decode(model, prompts, new_tokens)
     steps = new_tokens - 1  # the compiled calls: the prefill runs eagerly
     result = {"step": 1e3 * seconds}
     for key, name in EVENTS.items():
         durations = [e.cpu_time_total / 1e3 for e in prof.events() if e.name.startswith(name)]
         result[key] = statistics.median(durations) * len(durations) / steps if durations else 0.0
-    return result
+    return result, ids
 
 
 def main() -> None:
@@ -93,10 +97,11 @@ def main() -> None:
     merged, goat, prepared, probe = _variants(settings)
     models = {"merged": merged, "goat": goat, "goat prepared": prepared, PROBE: pack_factors_(probe)}
     prompts = warmed_up_prompts(settings, models, 1)
-    rows = {name: [] for name in models}
+    rows, tokens = {name: [] for name in models}, {}
     for _ in range(args.rounds):
         for name, model in models.items():
-            rows[name].append(profiled_decode(model, prompts, args.new_tokens))
+            row, tokens[name] = profiled_decode(model, prompts, args.new_tokens)
+            rows[name].append(row)
     table = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in rows.items()}
     lines = [
         f"SmolLM2-135M, fp32, CPU, 1 thread, torch.compile + static cache, batch 1, {args.new_tokens} new tokens, "
@@ -108,10 +113,19 @@ def main() -> None:
     for name, row in table.items():
         cells = " | ".join(f"{row[key]:.2f}" for key in ("step", "guards", "pregraph", "graph"))
         lines.append(f"| {name} | {cells} |")
+    same = torch.equal(tokens[PROBE], tokens["goat"])
+    lines.append(f"\ngreedy tokens of the probe = goat's: {same}")
     text = "\n".join(lines)
     print(text)
     if args.out:
-        record = {"settings": vars(args) | {"out": None}, "goat": repr(GOAT), "per_token_ms": table, "rounds": rows}
+        record = {
+            "settings": vars(args) | {"out": None},
+            "machine": {"torch": torch.__version__, "processor": platform.processor()},
+            "goat": repr(GOAT),
+            "probe_tokens_equal_goat": same,
+            "per_token_ms": table,
+            "rounds": rows,
+        }
         args.out.write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 

@@ -7,7 +7,6 @@ build is measured by benchmarks/bench_decode.py --compile."""
 from __future__ import annotations
 
 import gc
-import inspect
 import re
 
 import pytest
@@ -22,7 +21,6 @@ from transformers import CompileConfig
 import goat_hf.layer as goat_layer_module
 from goat_hf import GoatConfig, cpu_kernel, get_goat_model, goat_layers, prepare_for_inference
 from goat_hf.decode import SUMMED_TOKENS, fusable_top_k_gates, top_k_gates
-from goat_hf.model import TokenMaskHook
 
 CONFIG = GoatConfig(r=8, num_experts=4, top_k=2)
 IDS = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -126,31 +124,6 @@ def test_generate_with_a_static_cache_compiles_without_graph_breaks(kernel, monk
         compiled = model.generate(IDS, do_sample=False, max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
     assert torch.equal(compiled, eager)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the decode step really was compiled
-
-
-def test_a_compiled_decode_step_leaves_the_mask_hook_eager():
-    """The model's mask hook reads every layer's `record_routing`; traced, it was a compiled frame of its own whose
-    guards re-read all of them before each step (0.2-0.3 ms a SmolLM2-135M token). It runs eagerly instead: dynamo
-    keeps no compiled entry for it, and a routing record under a compiled forward still gets the padding mask."""
-    model = trained_llama()
-    compile_config = CompileConfig(fullgraph=True, backend="eager")
-    compile_config._compile_all_devices = True
-    model.generation_config.cache_implementation = "static"
-    model.generation_config.compile_config = compile_config
-    with torch.no_grad():
-        model.generate(IDS, do_sample=False, max_new_tokens=4, min_new_tokens=4, pad_token_id=0)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
-    hook_code = inspect.unwrap(TokenMaskHook.__call__).__code__
-    assert torch._dynamo.eval_frame._debug_get_cache_entry_list(hook_code) == []
-
-    mask = torch.ones_like(IDS)
-    mask[0, :3] = 0
-    layer = next(iter(goat_layers(model).values()))
-    layer.record_routing = True
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        compiled(IDS, attention_mask=mask)
-    assert torch.equal(layer.token_mask, mask.float())
 
 
 TOKENS = {"one": 1, "few": 5, "many": SUMMED_TOKENS + 6}  # decode steps sum their small matmuls; longer inputs mm
