@@ -11,8 +11,10 @@ own cost is in every figure) and reports, per decoded token, the step's guard ch
 the bytecode before the graph ("Pregraph bytecode") and the compiled graph itself.
 
 "goat, one tensor (probe)" is the default layer reading one packed copy of its five factors instead of the factors
-(the same maths, decode.traced_adapter, on views of the copy): what the guards and gathering cost with one tensor a
-layer. It is a measurement, not a path: the copy is made once and would not follow a change of the weights.
+(the same maths, decode.traced_adapter, on views of the copy; its greedy tokens are compared with the default's),
+which also skips GoatLinear.forward's reads of its flags: what guards and gathering cost with one tensor and fewer
+attributes a layer. It is a measurement, not a path: the copy is made once and would not follow a change of the
+weights.
 
     python benchmarks/compiled_step_overhead.py --rounds 5 --out benchmarks/results/compiled_step_overhead.json
 """
