@@ -94,10 +94,10 @@ def main() -> None:
     torch.set_num_threads(1)
     settings = argparse.Namespace(
         device="cpu", dtype="fp32", base="smollm2", threads=1, compile=True, cpp_wrapper=False, skip_guard_eval=False,
-        prompt_tokens=32, new_tokens=args.new_tokens, variants=["merged", "goat", "goat prepared", "goat"],
+        prompt_tokens=32, new_tokens=args.new_tokens, variants=["merged", "goat", "goat prepared"],
     )  # fmt: skip
-    merged, goat, prepared, probe = _variants(settings)
-    models = {"merged": merged, "goat": goat, "goat prepared": prepared, PROBE: pack_factors_(probe)}
+    models = build_variants(settings)
+    models[PROBE] = pack_factors_(build_variants(argparse.Namespace(**vars(settings) | {"variants": ["goat"]}))["goat"])
     prompts = warmed_up_prompts(settings, models, 1)
     rows, tokens = {name: [] for name in models}, {}
     for _ in range(args.rounds):
@@ -129,17 +129,6 @@ def main() -> None:
             "rounds": rows,
         }
         args.out.write_text(json.dumps(record, indent=2, default=str) + "\n")
-
-
-def _variants(settings: argparse.Namespace) -> list[torch.nn.Module]:
-    """One model per entry of settings.variants (build_variants keys them by name, which would merge the two goats)."""
-    names = settings.variants
-    models = []
-    for name in names:
-        settings.variants = [name]
-        models.extend(build_variants(settings).values())
-    settings.variants = names
-    return models
 
 
 if __name__ == "__main__":
