@@ -34,6 +34,17 @@ class RoutingRecord:
     balance_loss: torch.Tensor  # scalar E * sum_j f_j * P_j, differentiable w.r.t. the router
 
 
+class RoutingRequests:
+    """How many of a model's GOAT layers record routing outside training (`record_routing`), held in one place: the
+    model's padding-mask hook reads this one number rather than a flag on each layer, and under torch.compile each
+    read is a guard checked before every decoded token (one a layer: ~0.25 ms a SmolLM2-135M token)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class GoatLinear(nn.Module):
     """GOAT layer (Fan et al., ICML 2025, arXiv 2502.16894, §3):
 
@@ -67,7 +78,8 @@ class GoatLinear(nn.Module):
         self.adapter_enabled = True
         self.token_mask: torch.Tensor | None = None  # over x.shape[:-1] (matched by shape); 0 marks padding
         self.routing: RoutingRecord | None = None  # training with grad only, unless record_routing
-        self.record_routing = False  # True: record in evaluation and under no_grad too (goat_hf.record_routing)
+        self._record_routing = False  # read through the property below, set through its setter
+        self.routing_requests = RoutingRequests()  # shared by a model's layers and its mask hook (TokenMaskHook)
         self._inference_cache: InferenceWeights | None = None  # kept between no-grad forwards
         self.prepared: InferenceWeights | None = None  # set by goat_hf.prepare_for_inference
 
@@ -91,6 +103,17 @@ class GoatLinear(nn.Module):
         return layer
 
     @property
+    def record_routing(self) -> bool:
+        """True: record routing in evaluation and under no_grad too (goat_hf.record_routing)."""
+        return self._record_routing
+
+    @record_routing.setter
+    def record_routing(self, record: bool) -> None:
+        record = bool(record)
+        self.routing_requests.count += record - self._record_routing
+        self._record_routing = record
+
+    @property
     def in_features(self) -> int:
         return self.base_layer.in_features
 
@@ -104,14 +127,14 @@ class GoatLinear(nn.Module):
         return self.base_layer.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() or self.record_routing or torch.compiler.is_compiling()):
+        if not (torch.is_grad_enabled() or self._record_routing or torch.compiler.is_compiling()):
             out = self._kernel_forward(x)
             if out is not None:
                 return out
         if not self.adapter_enabled:
             return self.base_layer(x)  # [..., m]  W0 x, exactly
         with_dropout = self.training and self.has_dropout
-        if self.prepared is not None or not (torch.is_grad_enabled() or self.record_routing or with_dropout):
+        if self.prepared is not None or not (torch.is_grad_enabled() or self._record_routing or with_dropout):
             if self.routing is not None:  # nn.Module.__setattr__ costs a few µs a token otherwise
                 self.routing = None
             return self._inference_forward(x)

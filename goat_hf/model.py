@@ -16,7 +16,7 @@ from transformers.utils import logging as hf_logging
 from .base_weights import check_base_layer, hold_standard_layout, looks_quantized, release_standard_layout, was_repacked
 from .config import GoatConfig
 from .distributed import require_whole_weights
-from .layer import GoatLinear
+from .layer import GoatLinear, RoutingRequests
 
 logger = logging.getLogger(__name__)
 
@@ -122,9 +122,14 @@ class TokenMaskHook:
                 "attention_mask": [layer for layer in layers if id(layer) in in_encoder],
                 "decoder_attention_mask": [layer for layer in layers if id(layer) not in in_encoder],
             }
+        # one count for all the layers (RoutingRequests): the hook reads one number, not a flag on each layer
+        self.routing_requests = RoutingRequests()
+        for layer in layers:
+            self.routing_requests.count += layer.record_routing
+            layer.routing_requests = self.routing_requests
 
     def _recording(self) -> bool:
-        return any(layer.record_routing for group in self.groups.values() for layer in group)
+        return self.routing_requests.count > 0
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not (torch.is_grad_enabled() or self._recording()):

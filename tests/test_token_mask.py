@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+from copy import deepcopy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,3 +155,40 @@ def test_without_gradients_the_hook_leaves_the_layers_alone():
     with torch.no_grad(), record_routing(model):
         model(input_ids=ids, attention_mask=other)  # a record reads it: this batch's mask is handed over
     assert all(torch.equal(layer.token_mask, other.float()) for layer in layers)
+
+
+def hook_hands_over(model, layer) -> bool:
+    """Whether a no-grad forward hands `layer` this batch's mask (what the hook does while any layer records)."""
+    ids, mask = torch.randint(3, 100, (2, 6)), torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]])
+    layer.token_mask = None
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    return layer.token_mask is not None and torch.equal(layer.token_mask, mask.float())
+
+
+def test_one_layer_asking_for_its_record_gets_the_mask_until_it_stops():
+    """The hook counts the layers that record (one number, not a read of every layer's flag): a flag set on one layer
+    directly counts, nested and repeated requests balance, and the count follows a copy and a pickled model."""
+    model = train_like_(get_goat_model(tiny_classifier("bert", seed=0), CONFIG))
+    first, last = list(goat_layers(model).values())[0], list(goat_layers(model).values())[-1]
+    assert not hook_hands_over(model, last)
+    first.record_routing = True
+    first.record_routing = True  # asked twice, stopped once
+    assert hook_hands_over(model, last) and first.routing is not None
+    with record_routing(model):
+        assert hook_hands_over(model, last)
+    assert first.record_routing and not last.record_routing  # each layer's own flag is back
+    assert hook_hands_over(model, last)  # the first layer still records
+    first.record_routing = False
+    assert not hook_hands_over(model, last) and not first.record_routing
+
+    copy = deepcopy(model)
+    list(goat_layers(copy).values())[0].record_routing = True  # counts in the copy's hook, not the original's
+    assert hook_hands_over(copy, list(goat_layers(copy).values())[-1]) and not hook_hands_over(model, last)
+    buffer = io.BytesIO()
+    torch.save(copy, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    loaded_layers = list(goat_layers(loaded).values())
+    assert hook_hands_over(loaded, loaded_layers[-1])
+    loaded_layers[0].record_routing = False
+    assert not hook_hands_over(loaded, loaded_layers[-1])
