@@ -60,6 +60,16 @@ class StepClock(LogitsProcessor):
         return scores
 
 
+def processor_name() -> str:
+    """The CPU's model name (platform.processor() is empty on Linux): the ratios differ from one CPU to another."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor()
+
+
 def build_variants(args: argparse.Namespace) -> dict[str, nn.Module]:
     models = {}
     for name in args.variants:
@@ -377,7 +387,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "settings": {key: value for key, value in vars(args).items() if key != "out"},
-            "machine": {"torch": torch.__version__, "processor": platform.processor(), "threads": args.threads},
+            "machine": {"torch": torch.__version__, "processor": processor_name(), "threads": args.threads},
             "isolated_compiles": ISOLATED_COMPILES if args.compile else None,
             "results": {str(batch): result for batch, result in results.items()},
             "graph_breaks": graph_breaks if args.compile else None,
