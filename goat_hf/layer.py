@@ -36,13 +36,18 @@ class RoutingRecord:
 
 class RoutingRequests:
     """How many of a model's GOAT layers record routing outside training (`record_routing`), held in one place: the
-    model's padding-mask hook reads this one number rather than a flag on each layer, and under torch.compile each
-    read is a guard checked before every decoded token (one a layer: ~0.25 ms a SmolLM2-135M token)."""
+    model's padding-mask hook reads `active` rather than a flag on each layer, and under torch.compile each read is a
+    guard checked before every decoded token (one a layer: ~0.25 ms a SmolLM2-135M token). A bool, not the count, so
+    that the hook's compiled frame has two states, not one per count."""
 
-    __slots__ = ("count",)
+    __slots__ = ("count", "active")
 
     def __init__(self) -> None:
-        self.count = 0
+        self.count, self.active = 0, False
+
+    def add(self, change: int) -> None:
+        self.count += change
+        self.active = self.count > 0
 
 
 class GoatLinear(nn.Module):
@@ -110,7 +115,7 @@ class GoatLinear(nn.Module):
     @record_routing.setter
     def record_routing(self, record: bool) -> None:
         record = bool(record)
-        self.routing_requests.count += record - self._record_routing
+        self.routing_requests.add(record - self._record_routing)
         self._record_routing = record
 
     @property
@@ -291,7 +296,7 @@ class GoatLinear(nn.Module):
         return result + delta.to(result.dtype)
 
     def _check_prepared_call(self, prepared: InferenceWeights, x: torch.Tensor) -> None:
-        if self.training and torch.is_grad_enabled() or self.record_routing:
+        if self.training and torch.is_grad_enabled() or self._record_routing:
             raise RuntimeError(
                 "This model was prepared for serving: prepare_for_inference folded the frozen residual into W0, so it "
                 "can neither train nor record routing. Load the adapter onto a fresh base (load_goat_model) for that."

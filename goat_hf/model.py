@@ -125,11 +125,11 @@ class TokenMaskHook:
         # one count for all the layers (RoutingRequests): the hook reads one number, not a flag on each layer
         self.routing_requests = RoutingRequests()
         for layer in layers:
-            self.routing_requests.count += layer.record_routing
+            self.routing_requests.add(layer.record_routing)
             layer.routing_requests = self.routing_requests
 
     def _recording(self) -> bool:
-        return self.routing_requests.count > 0
+        return self.routing_requests.active
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not (torch.is_grad_enabled() or self._recording()):

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import BartConfig, BartForConditionalGeneration
 
 from goat_hf import GoatConfig, get_goat_model, goat_layers, record_routing
+from goat_hf.model import TokenMaskHook
 
 CONFIG = GoatConfig(r=8, num_experts=4, top_k=2)
 
@@ -166,17 +167,29 @@ def hook_hands_over(model, layer) -> bool:
     return layer.token_mask is not None and torch.equal(layer.token_mask, mask.float())
 
 
+def assert_one_count(model) -> None:
+    """The hook reads one object the model's layers share, whose count is the number of layers that record."""
+    (hook,) = [hook for hook in model._forward_pre_hooks.values() if isinstance(hook, TokenMaskHook)]
+    layers = list(goat_layers(model).values())
+    assert all(layer.routing_requests is hook.routing_requests for layer in layers)
+    assert hook.routing_requests.count == sum(layer.record_routing for layer in layers)
+    assert hook.routing_requests.active == any(layer.record_routing for layer in layers)
+
+
 def test_one_layer_asking_for_its_record_gets_the_mask_until_it_stops():
     """The hook counts the layers that record (one number, not a read of every layer's flag): a flag set on one layer
     directly counts, nested and repeated requests balance, and the count follows a copy and a pickled model."""
     model = train_like_(get_goat_model(tiny_classifier("bert", seed=0), CONFIG))
     first, last = list(goat_layers(model).values())[0], list(goat_layers(model).values())[-1]
+    assert_one_count(model)
     assert not hook_hands_over(model, last)
     first.record_routing = True
     first.record_routing = True  # asked twice, stopped once
     assert hook_hands_over(model, last) and first.routing is not None
+    assert_one_count(model)
     with record_routing(model):
         assert hook_hands_over(model, last)
+        assert_one_count(model)
     assert first.record_routing and not last.record_routing  # each layer's own flag is back
     assert hook_hands_over(model, last)  # the first layer still records
     first.record_routing = False
@@ -189,6 +202,8 @@ def test_one_layer_asking_for_its_record_gets_the_mask_until_it_stops():
     torch.save(copy, buffer)
     loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
     loaded_layers = list(goat_layers(loaded).values())
+    for each in (model, copy, loaded):
+        assert_one_count(each)
     assert hook_hands_over(loaded, loaded_layers[-1])
     loaded_layers[0].record_routing = False
     assert not hook_hands_over(loaded, loaded_layers[-1])
