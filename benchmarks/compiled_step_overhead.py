@@ -69,21 +69,16 @@ class FlaglessGoatLinear(GoatLinear):
         return self._traced_forward(x, with_residual=True)
 
 
-def skip_flag_reads_(model: torch.nn.Module) -> torch.nn.Module:
+def as_probe_(model: torch.nn.Module, probe: type[GoatLinear]) -> torch.nn.Module:
+    """Each default GOAT layer of `model` becomes `probe` (OneTensorGoatLinear gets its packed copy first)."""
     for layer in model.modules():
         if type(layer) is GoatLinear:
-            layer.__class__ = FlaglessGoatLinear
-    return model
-
-
-def pack_factors_(model: torch.nn.Module) -> torch.nn.Module:
-    for layer in model.modules():
-        if type(layer) is GoatLinear:
-            factors = (layer.router.weight, layer.expert_A, layer.residual_A, layer.expert_B, layer.residual_B)
-            layer.packed_shapes = [tuple(t.shape) for t in factors]
-            packed = torch.cat([t.detach().flatten() for t in factors])
-            layer.register_buffer("packed_factors", packed, persistent=False)
-            layer.__class__ = OneTensorGoatLinear
+            if probe is OneTensorGoatLinear:
+                factors = (layer.router.weight, layer.expert_A, layer.residual_A, layer.expert_B, layer.residual_B)
+                layer.packed_shapes = [tuple(t.shape) for t in factors]
+                packed = torch.cat([t.detach().flatten() for t in factors])
+                layer.register_buffer("packed_factors", packed, persistent=False)
+            layer.__class__ = probe
     return model
 
 
@@ -115,8 +110,8 @@ def main() -> None:
     )  # fmt: skip
     models = build_variants(settings)
     default_settings = argparse.Namespace(**vars(settings) | {"variants": ["goat"]})
-    models[PROBE] = pack_factors_(build_variants(default_settings)["goat"])
-    models[FLAGLESS] = skip_flag_reads_(build_variants(default_settings)["goat"])
+    models[PROBE] = as_probe_(build_variants(default_settings)["goat"], OneTensorGoatLinear)
+    models[FLAGLESS] = as_probe_(build_variants(default_settings)["goat"], FlaglessGoatLinear)
     prompts = warmed_up_prompts(settings, models, 1)
     rows, tokens = {name: [] for name in models}, {}
     for _ in range(args.rounds):

@@ -16,7 +16,8 @@ from transformers.utils import logging as hf_logging
 from .base_weights import check_base_layer, hold_standard_layout, looks_quantized, release_standard_layout, was_repacked
 from .config import GoatConfig
 from .distributed import require_whole_weights
-from .layer import GoatLinear, RoutingRequests
+from .layer import GoatLinear
+from .routing_record import RoutingRequests
 
 logger = logging.getLogger(__name__)
 
@@ -122,17 +123,14 @@ class TokenMaskHook:
                 "attention_mask": [layer for layer in layers if id(layer) in in_encoder],
                 "decoder_attention_mask": [layer for layer in layers if id(layer) not in in_encoder],
             }
-        # one count for all the layers (RoutingRequests): the hook reads one number, not a flag on each layer
+        # one count for all the layers (RoutingRequests): the hook reads one value, not a flag on each layer
         self.routing_requests = RoutingRequests()
         for layer in layers:
             self.routing_requests.add(layer.record_routing)
             layer.routing_requests = self.routing_requests
 
-    def _recording(self) -> bool:
-        return self.routing_requests.active
-
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not (torch.is_grad_enabled() or self._recording()):
+        if not (torch.is_grad_enabled() or self.routing_requests.active):
             return
         for name, group in self.groups.items():
             mask = kwargs.get(name)
